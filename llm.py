@@ -1,0 +1,1323 @@
+"""llm.py: one file, standard library only, for every OpenAI-compatible chat server.
+
+It speaks ``POST /v1/chat/completions`` to Ollama, vLLM, llama.cpp, LM Studio,
+OpenAI, OpenRouter, Groq, DeepSeek and the rest, on Python 3.6 and later::
+
+    import sys, llm
+
+    client = llm.Client("http://localhost:11434", model="llama3.2")
+    reply = client.chat_stream([{"role": "user", "content": "Hi!"}], sys.stdout)
+    if not reply.ok:
+        print(reply.error)
+
+Nothing raises: a failure comes back as ``reply.stop_reason == "error"`` with a
+readable ``reply.error``, and whatever arrived before it is kept.
+
+License: MIT
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "Client",
+    "Message",
+    "Response",
+    "SSEWriter",
+    "Stream",
+    "ToolCall",
+    "chat",
+    "chat_stream",
+    "image",
+]
+
+import base64
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import weakref
+from urllib.parse import urlsplit  # loaded by http.client anyway
+
+_TYPE_CHECKING = False  # typing costs import time; only the type checker reads these
+if _TYPE_CHECKING:
+    from typing import Any, Dict, Iterator, List, Optional, Protocol, Set, Tuple, Union
+
+    class _Writer(Protocol):
+        """Anything with ``write(str)``: a file, ``sys.stdout``, an SSEWriter..."""
+
+        def write(self, text: str) -> object: ...
+
+    _Timeout = Union[float, Tuple[float, float]]
+
+_DEFAULT_BASE_URL = "http://localhost:11434"
+_DEFAULT_TIMEOUT = (30.0, 600.0)  # (connect, each read); a local model may think for minutes
+_MAX_BYTES = 64 * 1024 * 1024  # a response body larger than this is refused
+_READ_SIZE = 65536
+_ERROR_BODY_LIMIT = 65536  # bytes of an error body that are read
+_ERROR_TEXT_LIMIT = 300  # characters of a server's message that are kept
+_RETRY_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504))
+_BACKOFF_FIRST, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.5, 30.0, 120.0
+_STOP_REASONS = {
+    "stop": "stop", "end_turn": "stop", "eos": "stop", "eos_token": "stop",
+    "stop_sequence": "stop", "end": "stop",
+    "length": "length", "max_tokens": "length", "max_output_tokens": "length",
+    "model_length": "length",
+    "tool_calls": "tool_calls", "tool_call": "tool_calls", "tool_use": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter", "safety": "content_filter",
+    "recitation": "content_filter", "prohibited_content": "content_filter",
+}
+_ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
+                "OPENAI_API_KEY", "OLLAMA_HOST")
+_DONE = object()  # the payload of ``data: [DONE]``
+
+
+# ---------------------------------------------------------------- public types
+
+
+class Message(dict):  # type: ignore[type-arg]
+    """A chat message: a plain dict in the OpenAI wire shape.
+
+    ``Message("user", "Hi")`` equals ``{"role": "user", "content": "Hi"}``. Other
+    fields (``name``, ``tool_calls``, ``tool_call_id``, ...) are keyword
+    arguments. ``content`` may be a string or a list of parts, such as
+    ``[{"type": "text", "text": "What is this?"}, llm.image("cat.png")]``.
+    """
+
+    def __init__(self, role: "Any" = "user", content: "Any" = None, **fields: "Any") -> None:
+        dict.__init__(self, role=role, content=content, **fields)
+
+
+class _BadPart(dict):  # type: ignore[type-arg]
+    """A content part that could not be made; the call reports ``problem``."""
+
+    def __init__(self, problem: str) -> None:
+        dict.__init__(self, type="text", text="")
+        self.problem = problem
+
+
+def image(source: "Any", detail: "Optional[str]" = None) -> "Dict[str, Any]":
+    """Return an ``image_url`` content part for ``source``.
+
+    ``source`` is a local file (sent inline as a ``data:`` URL; PNG, JPEG, GIF
+    or WebP) or an ``http(s)://`` or ``data:`` URL, passed as it is. ``detail``
+    (``"low"``, ``"high"``, ``"auto"``) is added when given. A file that cannot
+    be read does not raise: the call that sends it answers with the error.
+    """
+    try:
+        url = str(source) if str(source).startswith(("http://", "https://", "data:")) \
+            else _data_url(source)
+    except Exception as exc:  # a public function: report, never raise
+        return _BadPart("image %r: %s" % (source, _describe(exc)))
+    part = {"url": url}  # type: Dict[str, Any]
+    if detail is not None:
+        part["detail"] = detail
+    return {"type": "image_url", "image_url": part}
+
+
+def _data_url(path: "Any") -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    for magic, kind in ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF8", "gif")):
+        if data.startswith(magic):
+            break
+    else:
+        if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ValueError("not a PNG, JPEG, GIF or WebP image")
+        kind = "webp"
+    return "data:image/%s;base64,%s" % (kind, base64.b64encode(data).decode("ascii"))
+
+
+class ToolCall:
+    """One tool call the model asked for.
+
+    ``id`` and ``name`` as the server sent them (``id`` is made up as
+    ``call_N`` when the server sent none); ``arguments`` is the JSON text as
+    sent; ``args`` is that text parsed (``{}`` for empty text, ``None`` when it
+    is not valid JSON).
+    """
+
+    __slots__ = ("id", "name", "arguments", "args", "type")
+
+    def __init__(self, id: str, name: str, arguments: str, type: str = "function") -> None:
+        self.id, self.name, self.arguments, self.type = id, name, arguments, type
+        try:
+            self.args = json.loads(arguments) if arguments.strip() else {}  # type: Any
+        except ValueError:
+            self.args = None
+
+    def to_dict(self) -> "Dict[str, Any]":
+        """The call in the wire shape, for the assistant message in history."""
+        return {"id": self.id, "type": self.type,
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+    def __repr__(self) -> str:
+        return "ToolCall(id=%r, name=%r, arguments=%r)" % (self.id, self.name, self.arguments)
+
+
+class Response:
+    """The result of one call. Nothing raises; look at ``stop_reason``.
+
+    ``content``: the assistant text (what came before an error or cancel);
+    ``role``: ``"assistant"``; ``stop_reason``: ``"stop"``, ``"length"``,
+    ``"tool_calls"``, ``"content_filter"``, ``"error"``, ``"cancelled"`` or
+    an unknown server value as it is; ``error``: ``""`` or one readable line;
+    ``status``: the HTTP status, ``0`` when no response arrived; ``usage``:
+    a dict with ``prompt_tokens``, ``completion_tokens``, ``total_tokens``
+    when the server reported them, else ``None``; ``tool_calls``: a list of
+    :class:`ToolCall`; ``reasoning``: reasoning text, ``""`` if none;
+    ``model`` and ``id`` as the server reported them.
+    """
+
+    __slots__ = ("content", "role", "stop_reason", "error", "status", "usage",
+                 "tool_calls", "reasoning", "model", "id", "_reasoning_field")
+
+    def __init__(self, content: str = "", stop_reason: str = "stop", error: str = "") -> None:
+        self.content, self.stop_reason, self.error = content, stop_reason, error
+        self.role = "assistant"
+        self.status = 0
+        self.usage = None  # type: Optional[Dict[str, Any]]
+        self.tool_calls = []  # type: List[ToolCall]
+        self.reasoning = ""
+        self.model = self.id = ""
+        self._reasoning_field = "reasoning_content"
+
+    @property
+    def ok(self) -> bool:
+        """True unless the call failed or was cancelled."""
+        return self.stop_reason not in ("error", "cancelled")
+
+    def to_message(self) -> "Dict[str, Any]":
+        """The assistant message to append to history, in the wire shape.
+
+        Tool calls are included, and so is the reasoning, under the field
+        name the server used (some servers want it back in tool loops).
+        """
+        message = {"role": "assistant",
+                   "content": self.content if self.content or not self.tool_calls else None}
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.reasoning:
+            message[self._reasoning_field] = self.reasoning
+        return message
+
+    def __repr__(self) -> str:
+        text = self.content if len(self.content) <= 60 else self.content[:57] + "..."
+        extra = ", error=%r" % self.error if self.error else ""
+        return "Response(stop_reason=%r, content=%r, status=%r%s)" % (
+            self.stop_reason, text, self.status, extra)
+
+
+class Stream:
+    """The text pieces of one streamed reply, as an iterator.
+
+    ``for piece in client.stream(messages): ...``, then ``.response`` holds
+    the whole :class:`Response`. Reading ``.response`` before the end reads the
+    rest of the stream first; ``close()`` ends it early (``"cancelled"``).
+    """
+
+    def __init__(self, call: "_Call", pieces: "Iterator[str]") -> None:
+        self._call, self._pieces = call, pieces
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def response(self) -> Response:
+        """The whole reply, once the stream has ended."""
+        for _ in self._pieces:
+            pass
+        return self._call.response()
+
+    def close(self) -> None:
+        """End the stream now; the response keeps what came, as cancelled."""
+        self._call.cancelled = True
+        self._pieces.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc_info: "Any") -> None:
+        self.close()
+
+
+class SSEWriter:
+    """Wrap ``out`` so that ``chat_stream`` relays a reply as server-sent events.
+
+    Each text delta becomes ``data: {"content": "<delta>"}`` and a blank line;
+    the end is ``data: [DONE]``, after ``data: {"error": "..."}`` when the call
+    failed. ``out`` may take ``str`` or ``bytes`` (such as ``wfile`` in an
+    ``http.server`` handler).
+    """
+
+    def __init__(self, out: "Any") -> None:
+        self.out = out
+        self._binary = False
+
+    def write(self, text: str) -> None:
+        """Send one delta as one event."""
+        self._send("data: %s\n\n" % json.dumps({"content": text}))
+
+    def flush(self) -> None:
+        """Flush ``out`` when it can be flushed."""
+        flush = getattr(self.out, "flush", None)
+        if flush is not None:
+            flush()
+
+    def _finish(self, response: Response) -> None:
+        if response.stop_reason == "error":
+            self._send("data: %s\n\n" % json.dumps({"error": response.error}))
+        self._send("data: [DONE]\n\n")
+        self.flush()
+
+    def _send(self, event: str) -> None:
+        if not self._binary:
+            try:
+                self.out.write(event)
+                return
+            except TypeError:  # a binary stream: send UTF-8 from now on
+                self._binary = True
+        self.out.write(event.encode("utf-8"))
+
+
+# ---------------------------------------------------------------- the client
+
+
+class Client:
+    """A connection to one OpenAI-compatible server; safe to share across threads.
+
+    ``base_url``: the host root (``http://localhost:11434``), a ``.../v1``
+    style prefix (``https://api.groq.com/openai/v1``) or a full
+    ``.../chat/completions`` URL; ``None`` reads the environment.
+    ``model``: sent as the request's model (``None``: ``LLM_MODEL``).
+    ``api_key``: sent as a Bearer token (``None``: ``LLM_API_KEY`` or
+    ``OPENAI_API_KEY``; ``""``: none). ``system``: a system prompt put first
+    unless the messages already start with one. ``timeout``: seconds for
+    connecting and for each read, or a ``(connect, read)`` pair; it bounds
+    silence, not the whole call. ``deadline``: seconds for the whole call,
+    retries included, or ``None``. ``headers``: extra request headers.
+    ``retries``: how many times to retry a failed connection or a 408, 409,
+    429, 5xx answer before any output. ``verify``: check the server's TLS
+    certificate. ``ca_file``: a PEM file of trusted certificates.
+    ``params``: default request parameters (``{"temperature": 0}``), under
+    those of each call. ``stream_usage``: ask for token usage when
+    streaming. ``max_bytes``: the largest response body accepted.
+
+    Building a client never raises: a bad argument is reported by every call.
+    """
+
+    def __init__(self, base_url: "Optional[str]" = None, model: "Optional[str]" = None,
+                 api_key: "Optional[str]" = None, system: "Optional[str]" = None,
+                 timeout: "_Timeout" = _DEFAULT_TIMEOUT, deadline: "Optional[float]" = None,
+                 headers: "Optional[Dict[str, str]]" = None, retries: int = 0,
+                 verify: bool = True, ca_file: "Optional[str]" = None,
+                 params: "Optional[Dict[str, Any]]" = None, stream_usage: bool = True,
+                 max_bytes: int = _MAX_BYTES) -> None:
+        self._problem = ""
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._active = set()  # type: Set[_Call]
+        self._connections = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
+        self._tls = None  # type: Any
+        self.base_url = self.model = self.system = ""
+        self._api_key = ""
+        try:
+            self._configure(base_url, model, api_key, system, timeout, deadline, headers,
+                            retries, verify, ca_file, params, stream_usage, max_bytes)
+        except Exception as exc:  # reported by every call instead
+            self._problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
+                else "bad client argument: " + _describe(exc)
+
+    def chat(self, messages: "List[Any]", **params: "Any") -> Response:
+        """Send ``messages`` and return the whole reply as a :class:`Response`.
+
+        ``params`` go into the request body as they are (``temperature``,
+        ``max_tokens``, ``tools``, ``response_format``, ...); a ``None`` value
+        leaves that key out.
+        """
+        call = _Call(self, stream=False)
+        for _ in call.run(messages, params):
+            pass
+        return call.response()
+
+    def chat_stream(self, messages: "List[Any]", out: "_Writer", **params: "Any") -> Response:
+        """Stream the reply: each text delta goes to ``out.write`` as it arrives.
+
+        ``out.flush()`` is called after each write when ``out`` has it. Returns
+        the :class:`Response` with the whole content. When ``out.write`` raises
+        (a reader went away), the call ends with an error response.
+        """
+        call = _Call(self, stream=True)
+        write = getattr(out, "write", None)
+        if not callable(write):
+            return _failed("out must have a write(str) method, got %s" % type(out).__name__)
+        flush = getattr(out, "flush", None)
+        pieces = call.run(messages, params)
+        try:
+            for piece in pieces:
+                write(piece)
+                if flush is not None:
+                    flush()
+        except Exception as exc:  # the writer failed; the generator itself never raises
+            call.error = "writing the reply failed: " + _describe(exc)
+            pieces.close()  # type: ignore[attr-defined]
+        response = call.response()
+        if isinstance(out, SSEWriter):
+            try:
+                out._finish(response)
+            except Exception as exc:
+                if response.ok:
+                    response.stop_reason = "error"
+                    response.error = "writing the reply failed: " + _describe(exc)
+        return response
+
+    def stream(self, messages: "List[Any]", **params: "Any") -> Stream:
+        """Return the reply as a :class:`Stream`: an iterator of text pieces."""
+        call = _Call(self, stream=True)
+        return Stream(call, call.run(messages, params))
+
+    def cancel(self) -> None:
+        """End every call in flight on this client, from any thread.
+
+        They return at once with ``stop_reason "cancelled"`` and what came so
+        far. Calls started afterwards are not affected.
+        """
+        with self._lock:
+            for call in self._active:
+                call.cancel()
+
+    def close(self) -> None:
+        """Close the client's idle connections (they reopen when needed)."""
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: "Any") -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "Client(base_url=%r, model=%r, api_key=%r)" % (
+            self.base_url, self.model, "***" if self._api_key else "")
+
+    # ------------------------------------------------------------ configuration
+
+    def _configure(self, base_url: "Any", model: "Any", api_key: "Any", system: "Any",
+                   timeout: "Any", deadline: "Any", headers: "Any", retries: "Any",
+                   verify: "Any", ca_file: "Any", params: "Any", stream_usage: "Any",
+                   max_bytes: "Any") -> None:
+        environ = os.environ
+        if base_url is None:
+            base_url = _base_url_from(environ)
+        if model is None:
+            model = environ.get("LLM_MODEL", "")
+        if api_key is None:
+            api_key = environ.get("LLM_API_KEY") or environ.get("OPENAI_API_KEY") or ""
+        self.base_url = _text("base_url", base_url)
+        self.model = _text("model", model)
+        self._api_key = _text("api_key", api_key, secret=True)
+        self.system = _text("system", system or "", single_line=False)
+        (self._scheme, self._host, self._port, self._chat_path,
+         self._models_path) = _endpoint(self.base_url)
+        self._connect_timeout, self._read_timeout = _timeouts(timeout)
+        self._deadline = _seconds("deadline", deadline) if deadline is not None else None
+        self._retries = _count("retries", retries)
+        self._max_bytes = _count("max_bytes", max_bytes)
+        self._verify, self._ca_file = bool(verify), ca_file
+        self._params = dict(params or {})
+        self._stream_usage = bool(stream_usage)
+        self._headers = _headers(self._api_key, headers or {})
+        self._proxy = _proxy_for(self._scheme, self._host)
+        if self._proxy and self._scheme == "http":  # a proxy wants the absolute URL
+            origin = "http://%s" % _where(self._host, self._port)
+            self._chat_path, self._models_path = (origin + self._chat_path,
+                                                  origin + self._models_path)
+
+    def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
+        body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
+        body.update(self._params)
+        body.update(params)
+        body["messages"] = _checked_messages(messages, self.system)
+        body["stream"] = stream
+        if stream and self._stream_usage and "stream_options" not in body:
+            body["stream_options"] = {"include_usage": True}
+        return {key: value for key, value in body.items() if value is not None}
+
+    # ------------------------------------------------------------ connections
+
+    def _checkout(self) -> "http.client.HTTPConnection":
+        """This thread's idle connection, or a new one (calls may overlap in a thread)."""
+        connection = getattr(self._local, "idle", None)
+        if connection is not None:
+            self._local.idle = None
+            return connection
+        connection = self._new_connection()
+        with self._lock:
+            self._connections.add(connection)
+        return connection
+
+    def _checkin(self, connection: "http.client.HTTPConnection", reusable: bool) -> None:
+        if reusable and getattr(self._local, "idle", None) is None:
+            self._local.idle = connection
+        else:
+            connection.close()
+
+    def _new_connection(self) -> "http.client.HTTPConnection":
+        host, port = self._proxy[:2] if self._proxy else (self._host, self._port)
+        if self._scheme == "http":
+            return http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        connection = http.client.HTTPSConnection(
+            host, port, timeout=self._connect_timeout, context=self._tls_context())
+        if self._proxy:
+            connection.set_tunnel(self._host, self._port, headers=self._proxy[2])
+        return connection
+
+    def _tls_context(self) -> "Any":
+        if self._tls is None:
+            try:
+                import ssl
+            except ImportError:
+                raise _Failure("https needs Python's ssl module, which this Python lacks;"
+                               " use an http:// URL")
+            try:
+                context = ssl.create_default_context(cafile=self._ca_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise _Failure("cannot load ca_file %r: %s" % (self._ca_file, _describe(exc)))
+            if not self._verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls = context
+        return self._tls
+
+
+# ---------------------------------------------------------------- module-level functions
+
+_shared = {}  # type: Dict[Tuple[Optional[str], ...], Client]
+_shared_lock = threading.Lock()
+
+
+def _environment_client() -> Client:
+    key = tuple(os.environ.get(name) for name in _ENVIRONMENT)
+    with _shared_lock:
+        client = _shared.get(key)
+        if client is None:
+            _shared.clear()  # the environment changed: the old client is not needed
+            client = _shared[key] = Client()
+    return client
+
+
+def chat(messages: "List[Any]", **params: "Any") -> Response:
+    """``Client().chat(messages, **params)`` on a client configured from the environment.
+
+    ``LLM_BASE_URL`` (or ``OPENAI_BASE_URL``, or ``OLLAMA_HOST``; default
+    ``http://localhost:11434``), ``LLM_MODEL``, ``LLM_API_KEY`` (or
+    ``OPENAI_API_KEY``). The client and its connections are reused.
+    """
+    return _environment_client().chat(messages, **params)
+
+
+def chat_stream(messages: "List[Any]", out: "_Writer", **params: "Any") -> Response:
+    """``Client().chat_stream(messages, out, **params)`` on the environment's client."""
+    return _environment_client().chat_stream(messages, out, **params)
+
+
+# ---------------------------------------------------------------- configuration and request building
+
+
+def _base_url_from(environ: "Any") -> str:
+    url = environ.get("LLM_BASE_URL") or environ.get("OPENAI_BASE_URL")
+    if url:
+        return str(url)
+    host = environ.get("OLLAMA_HOST", "").strip()
+    return _ollama_host_url(host) if host else _DEFAULT_BASE_URL
+
+
+def _ollama_host_url(value: str) -> str:
+    """Read OLLAMA_HOST as Ollama does: ``host``, ``:port``, ``host:port``, or a URL."""
+    scheme, _, rest = value.rpartition("://")
+    scheme = scheme or "http"
+    rest, slash, path = rest.partition("/")
+    if rest.startswith("["):  # [::1]:11434
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+        host = "[%s]" % host
+    else:
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    default_port = "443" if scheme == "https" else "11434"
+    return "%s://%s:%s%s%s" % (scheme, host or "127.0.0.1", port or default_port, slash, path)
+
+
+def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
+    """Split a base URL into scheme, host, port, and the chat and models paths."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError("base_url must be an http:// or https:// URL, got %r" % url)
+    host = parts.hostname or ""
+    if not host or any(c in host for c in " \t\r\n\0/\\"):
+        raise ValueError("base_url has no valid host: %r" % url)
+    port = parts.port or (443 if scheme == "https" else 80)  # a bad port raises ValueError
+    path = parts.path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        path = path[: -len("/chat/completions")]
+    elif not path:
+        path = "/v1"
+    query = "?" + parts.query if parts.query else ""
+    return scheme, host, port, path + "/chat/completions" + query, path + "/models" + query
+
+
+def _text(name: str, value: "Any", secret: bool = False, single_line: bool = True) -> str:
+    if not isinstance(value, str):
+        raise TypeError("%s must be a string, got %s" % (name, type(value).__name__))
+    if single_line and any(c in value for c in "\r\n\0"):
+        shown = "" if secret else " (%r)" % value[:80]
+        raise ValueError("%s contains a line break or NUL%s" % (name, shown))
+    return value
+
+
+def _seconds(name: str, value: "Any") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError("%s must be a positive number of seconds, got %r" % (name, value))
+    return float(min(value, 1e9))  # socket timeouts overflow past ~3e11
+
+
+def _timeouts(timeout: "Any") -> "Tuple[float, float]":
+    if isinstance(timeout, (tuple, list)) and len(timeout) == 2:
+        return _seconds("timeout", timeout[0]), _seconds("timeout", timeout[1])
+    seconds = _seconds("timeout", timeout)
+    return seconds, seconds
+
+
+def _count(name: str, value: "Any") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("%s must be a whole number >= 0, got %r" % (name, value))
+    return value
+
+
+def _headers(api_key: str, extra: "Any") -> "Dict[str, str]":
+    headers = {"Content-Type": "application/json", "User-Agent": "llm.py/" + __version__}
+    if api_key:
+        headers["Authorization"] = "Bearer " + api_key
+    if not isinstance(extra, dict):
+        raise TypeError("headers must be a dict, got %s" % type(extra).__name__)
+    for name, value in extra.items():
+        _text("header name", name)
+        if not name or any(c in name for c in ":() \t"):
+            raise ValueError("invalid header name %r" % name)
+        _text("header %s" % name, value, secret=True)
+        headers[name] = value
+    return headers
+
+
+def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, str]]]":
+    """The proxy (host, port, CONNECT headers) that the environment names for host."""
+    environ = os.environ
+    names = (scheme + "_proxy", scheme.upper() + "_PROXY", "all_proxy", "ALL_PROXY")
+    if not any(environ.get(name) for name in names) or _is_loopback(host):
+        return None  # a corporate proxy must never stand between us and a local server
+    import urllib.request
+    from urllib.parse import unquote
+
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    headers = {}
+    if parts.username is not None:
+        credentials = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
+            credentials.encode("utf-8")).decode("ascii")
+    return parts.hostname or "", parts.port or 80, headers
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return (host in ("localhost", "::1", "0.0.0.0", "::") or host.endswith(".localhost")
+            or host.startswith("127."))
+
+
+def _checked_messages(messages: "Any", system: str) -> "List[Any]":
+    if not isinstance(messages, (list, tuple)):
+        raise _Failure('messages must be a list such as [{"role": "user", "content": "Hi"}],'
+                       " got %s" % type(messages).__name__)
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _Failure("messages[%d] must be a dict with a role, got %s"
+                           % (number, type(message).__name__))
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise _Failure("messages[%d] has no role" % number)
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, _BadPart):
+                    raise _Failure("messages[%d]: %s" % (number, part.problem))
+    if system and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": system}] + list(messages)
+    return list(messages)
+
+
+def _encode(body: "Dict[str, Any]") -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _Failure("the request cannot be sent as JSON: %s" % exc)
+
+
+# ---------------------------------------------------------------- one call: HTTP, parse, result
+
+
+class _Failure(Exception):
+    """What went wrong, as the one line that ``Response.error`` will carry."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        Exception.__init__(self, message)
+        self.retryable = retryable
+
+
+class _Call:
+    """One request and its reply: the exchange with the server and what it sent.
+
+    ``run()`` yields the text deltas as they are parsed and never raises:
+    whatever goes wrong ends up in ``error``, next to what had arrived.
+    """
+
+    def __init__(self, client: Client, stream: bool) -> None:
+        self.client, self.stream = client, stream
+        self.cancelled = False
+        self.connection = None  # type: Optional[http.client.HTTPConnection]
+        self.reply = None  # type: Optional[http.client.HTTPResponse]
+        self.sock = None  # type: Any
+        self.wake = None  # type: Optional[threading.Event]
+        self.deadline_at = 0.0
+        self.deadline_bound = False  # the armed read timeout is the deadline's
+        self.broken = False  # the connection cannot be reused
+        self.content = []  # type: List[str]
+        self.reasoning = []  # type: List[str]
+        self.reasoning_field = "reasoning_content"
+        self.builders = []  # type: List[Dict[str, Any]]
+        self.finish = None  # type: Any
+        self.usage = None  # type: Any
+        self.model = self.id = ""
+        self.status = 0
+        self.error = ""
+        self.done = False
+
+    # ------------------------------------------------------------ the run
+
+    def run(self, messages: "Any", params: "Dict[str, Any]") -> "Iterator[str]":
+        client = self.client
+        with client._lock:
+            client._active.add(self)
+        try:
+            if client._problem:
+                raise _Failure(client._problem)
+            if client._deadline:
+                self.deadline_at = time.monotonic() + client._deadline
+            for piece in self._exchange(client._body(messages, params, self.stream)):
+                yield piece
+        except _Failure as failure:
+            self.error = str(failure)
+        except Exception as exc:  # the one boundary: a surprise becomes an error response
+            self.error = "unexpected failure: " + _describe(exc)
+        finally:
+            with client._lock:
+                client._active.discard(self)
+                self.sock = None
+            self._release()
+
+    def _exchange(self, body: "Dict[str, Any]") -> "Iterator[str]":
+        reply = self._request(body)
+        kind = (reply.getheader("Content-Type") or "").lower()
+        first = b""
+        if "json" not in kind and "event-stream" not in kind:
+            first = self._read(reply)  # no telling type: look at the first bytes
+            if first.lstrip()[:1] in (b"{", b"["):
+                kind = "json"
+        if "json" in kind:
+            text = self._apply(self._read_json(reply, first), "message")
+            self.done = True
+            if text:
+                yield text
+        else:
+            for piece in self._read_events(reply, first):
+                yield piece
+
+    def _request(self, body: "Dict[str, Any]") -> "http.client.HTTPResponse":
+        """Send the request until a 2xx answer comes, retrying as configured."""
+        client = self.client
+        attempt = 0
+        data = _encode(body)
+        while True:
+            try:
+                reply = self._send(data)
+            except _Failure as failure:
+                if not failure.retryable or attempt >= client._retries or self.cancelled:
+                    raise
+                self._pause(attempt, None)
+                attempt += 1
+                continue
+            self.status = reply.status
+            if 200 <= reply.status < 300:
+                return reply
+            message, raw = self._error_of(reply)
+            if (self.stream and "stream_options" in body and client._stream_usage
+                    and reply.status in (400, 422)
+                    and ("stream_options" in raw or "include_usage" in raw)):
+                client._stream_usage = False  # this server rejects it: remember, resend once
+                del body["stream_options"]
+                data = _encode(body)
+                continue
+            if reply.status in _RETRY_STATUSES and attempt < client._retries:
+                self._pause(attempt, _retry_after(reply.getheader("Retry-After")), message)
+                attempt += 1
+                continue
+            raise _Failure(message)
+
+    def _send(self, data: bytes) -> "http.client.HTTPResponse":
+        """POST ``data``; a kept-alive connection that the server closed is retried once."""
+        client = self.client
+        connection = self.connection = self.connection or client._checkout()
+        headers = dict(client._headers)
+        headers["Accept"] = "text/event-stream" if self.stream else "application/json"
+        reused = connection.sock is not None
+        while True:
+            if connection.sock is None:
+                self._connect(connection)
+            else:  # an earlier call may have shortened it
+                connection.sock.settimeout(client._read_timeout)
+            self._attach(connection.sock)
+            try:
+                connection.request("POST", client._chat_path, data, headers)
+                self._arm()
+                self.reply = connection.getresponse()
+                return self.reply
+            except (ConnectionError, http.client.BadStatusLine) as exc:
+                connection.close()
+                if self.cancelled:
+                    raise _Failure("cancelled")
+                if reused:  # the server closed it while it was idle: one fresh try
+                    reused = False
+                    continue
+                raise _Failure(self._network_error(exc), retryable=True)
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                raise _Failure(self._network_error(exc))
+
+    def _connect(self, connection: "http.client.HTTPConnection") -> None:
+        client = self.client
+        timeout = client._connect_timeout
+        if self.deadline_at:
+            timeout = min(timeout, self._remaining())
+        connection.timeout = timeout
+        where = self._where()
+        try:
+            connection.connect()
+        except socket.gaierror as exc:
+            raise _Failure("cannot resolve host %s (%s)" % (
+                (client._proxy or (client._host,))[0], exc.strerror or exc))
+        except ConnectionRefusedError:
+            raise _Failure("connection refused: %s" % where, retryable=True)
+        except socket.timeout:
+            raise _Failure("timed out after %gs connecting to %s" % (timeout, where),
+                           retryable=True)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            connection.close()
+            raise _Failure("cannot connect to %s: %s" % (where, _describe(exc)),
+                           retryable=isinstance(exc, ConnectionError))
+        sock = connection.sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(client._read_timeout)
+        if self.cancelled:
+            raise _Failure("cancelled")
+
+    def _attach(self, sock: "Any") -> None:
+        with self.client._lock:  # cancel() reads it under the same lock
+            self.sock = sock
+        if self.cancelled:
+            raise _Failure("cancelled")
+
+    def cancel(self) -> None:
+        """Mark the call cancelled and wake it (called under the client's lock)."""
+        self.cancelled = True
+        if self.wake is not None:
+            self.wake.set()
+        if self.sock is not None:
+            try:  # shutdown wakes a recv blocked in another thread; close() would not
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _pause(self, attempt: int, retry_after: "Optional[float]", why: str = "") -> None:
+        """Sleep before a retry: exponential backoff with jitter, or Retry-After."""
+        import random
+
+        if retry_after is None:
+            step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** attempt)
+            delay = step / 2 + random.uniform(0, step / 2)
+        elif retry_after > _RETRY_AFTER_CAP:
+            raise _Failure("%s (the server asks to retry after %gs)" % (why, retry_after))
+        else:
+            delay = retry_after
+        if self.deadline_at and delay >= self._remaining():
+            raise _Failure(why or "deadline of %gs exceeded" % self.client._deadline)
+        if self.wake is None:
+            self.wake = threading.Event()
+        if self.cancelled or self.wake.wait(delay):
+            raise _Failure("cancelled")
+
+    # ------------------------------------------------------------ reading
+
+    def _remaining(self) -> float:
+        remaining = self.deadline_at - time.monotonic()
+        if remaining <= 0:
+            raise _Failure("deadline of %gs exceeded" % self.client._deadline)
+        return remaining
+
+    def _arm(self) -> None:
+        """Bound the next read by the deadline too, when there is one."""
+        if self.deadline_at:
+            remaining = self._remaining()
+            self.deadline_bound = remaining < self.client._read_timeout
+            self.sock.settimeout(min(remaining, self.client._read_timeout))
+
+    def _read(self, reply: "http.client.HTTPResponse") -> bytes:
+        """Read what is there (at most one buffer), as soon as anything is."""
+        if self.deadline_at:
+            self._arm()
+        try:
+            return reply.read1(_READ_SIZE)
+        except http.client.IncompleteRead:
+            self.broken = True
+            raise _Failure("connection closed in the middle of a chunk: the response was cut short")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self.broken = True
+            raise _Failure(self._network_error(exc))
+
+    def _read_events(self, reply: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
+        decoder = _SSEDecoder()
+        budget = self.client._max_bytes
+        data = data or self._read(reply)
+        while True:
+            budget -= len(data)
+            if budget < 0:
+                self.broken = True
+                raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
+            events = decoder.feed(data) if data else decoder.close()
+            for kind, payload in events:
+                text = self._on_event(kind, payload)
+                if text:
+                    yield text
+            if self.done:
+                self._drain(reply)
+                return
+            if not data:
+                break
+            data = self._read(reply)
+        if self.cancelled:
+            raise _Failure("cancelled")
+        if self.finish is None:
+            raise _Failure("stream ended before [DONE]" if budget < self.client._max_bytes
+                           else "the server sent an empty reply")
+
+    def _on_event(self, kind: str, payload: "Any") -> "Optional[str]":
+        if payload is _DONE:
+            self.done = True
+            return None
+        if kind == "error":
+            raise _Failure(_message_of(payload) or "the server sent an error event")
+        if isinstance(payload, dict):
+            return self._apply(payload, "delta")
+        return None  # a data line that is not JSON: nothing to take from it
+
+    def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Dict[str, Any]":
+        data = first + self._read_rest(reply, self.client._max_bytes - len(first))
+        try:
+            reply_object = json.loads(data.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            raise _Failure("the server sent invalid JSON: %s" % _clip(data))
+        if not isinstance(reply_object, dict):
+            raise _Failure("the server sent JSON that is not an object: %s" % _clip(data))
+        if "choices" not in reply_object and "error" not in reply_object \
+                and reply_object.get("object") != "error":
+            raise _Failure("the reply has no choices: %s" % _clip(data))
+        return reply_object
+
+    def _read_rest(self, reply: "http.client.HTTPResponse", limit: int) -> bytes:
+        if reply.length is not None and reply.length > limit:
+            self.broken = True
+            raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
+        parts = []
+        while True:
+            data = self._read(reply)
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+            limit -= len(data)
+            if limit < 0:
+                self.broken = True
+                raise _Failure("response larger than max_bytes (%d bytes)"
+                               % self.client._max_bytes)
+
+    def _drain(self, reply: "http.client.HTTPResponse") -> None:
+        """After [DONE], read the end of the body so that the connection can be reused."""
+        try:
+            self.sock.settimeout(min(1.0, self.client._read_timeout))
+            for _ in range(16):
+                if not reply.read1(_READ_SIZE):
+                    return
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        self.broken = True
+
+    def _error_of(self, reply: "http.client.HTTPResponse") -> "Tuple[str, str]":
+        """Read an error answer: its one-line message and its raw text (lowercased)."""
+        try:
+            body = reply.read(_ERROR_BODY_LIMIT)
+        except (OSError, http.client.HTTPException, ValueError):
+            body = b""
+        if not reply.isclosed() and self.connection is not None:
+            self.connection.close()  # the rest of a long body is not worth reading
+        status = reply.status
+        if 300 <= status < 400:
+            message = "redirect to %s not followed" % (reply.getheader("Location") or "?")
+        else:
+            message = _server_message(body) or reply.reason or http.client.responses.get(status, "")
+        return "HTTP %d: %s" % (status, _one_line(message)), body.decode("utf-8", "replace").lower()
+
+    def _network_error(self, exc: BaseException) -> str:
+        if isinstance(exc, socket.timeout):
+            if self.deadline_bound:
+                return "deadline of %gs exceeded" % self.client._deadline
+            return "timed out after %gs waiting for data" % self.client._read_timeout
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return "%s closed the connection without answering" % self._where()
+        if isinstance(exc, ConnectionResetError):
+            return "connection reset by %s" % self._where()
+        if isinstance(exc, BrokenPipeError):
+            return "%s closed the connection while the request was sent" % self._where()
+        return "%s (%s)" % (_describe(exc), self._where())
+
+    def _where(self) -> str:
+        client = self.client
+        if client._proxy:
+            return "proxy %s" % _where(client._proxy[0], client._proxy[1])
+        return _where(client._host, client._port)
+
+    # ------------------------------------------------------------ the reply's content
+
+    def _apply(self, chunk: "Dict[str, Any]", key: str) -> "Optional[str]":
+        """Take what a chunk (``key="delta"``) or a whole reply (``"message"``) carries."""
+        if chunk.get("error") is not None or chunk.get("object") == "error":
+            raise _Failure(_one_line(_message_of(chunk) or "the server sent an error"))
+        if not self.id:
+            self.id, self.model = _string(chunk.get("id")), _string(chunk.get("model"))
+        usage = chunk.get("usage")
+        if usage or "x_groq" in chunk:  # Groq puts it in x_groq
+            self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage
+        choices = chunk.get("choices")
+        if not choices or not isinstance(choices, list):
+            return None
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            return None
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+        if choice.get("usage"):
+            self.usage = choice["usage"]
+        delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
+        if not isinstance(delta, dict):
+            return None
+        for field in ("reasoning_content", "reasoning"):
+            thought = delta.get(field)
+            if thought and isinstance(thought, str):
+                self.reasoning.append(thought)
+                self.reasoning_field = field
+        if delta.get("tool_calls"):
+            self._add_tool_calls(delta["tool_calls"], whole=key == "message")
+        text = delta.get("content")
+        if text and not isinstance(text, str):
+            text = _text_of_parts(text)
+        if text:
+            self.content.append(text)
+            return text
+        return None
+
+    def _add_tool_calls(self, fragments: "Any", whole: bool) -> None:
+        """Assemble tool calls: streamed in pieces keyed by index, whole, or unindexed."""
+        if isinstance(fragments, dict):
+            fragments = [fragments]
+        if not isinstance(fragments, list):
+            return
+        for position, fragment in enumerate(fragments):
+            if not isinstance(fragment, dict):
+                continue
+            index = position if whole else fragment.get("index")
+            call_id = _string(fragment.get("id"))
+            builder = self._builder_for(index, call_id)
+            builder["id"] = builder["id"] or call_id
+            builder["type"] = builder["type"] or _string(fragment.get("type"))
+            function = fragment.get("function")
+            if not isinstance(function, dict):
+                continue
+            builder["name"] = builder["name"] or _string(function.get("name"))
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                builder["arguments"].append(arguments)
+            elif arguments is not None:  # some servers send the object itself
+                builder["arguments"].append(json.dumps(arguments))
+
+    def _builder_for(self, index: "Any", call_id: str) -> "Dict[str, Any]":
+        builders = self.builders
+        if isinstance(index, int) and not isinstance(index, bool):
+            for builder in reversed(builders):
+                if builder["index"] == index:
+                    if not (call_id and builder["id"] and call_id != builder["id"]):
+                        return builder
+                    break  # the index was reused for a new call
+        elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
+            return builders[-1]  # no index: a fragment continues the last call
+        builder = {"index": index, "id": "", "type": "", "name": "", "arguments": []}
+        builders.append(builder)
+        return builder
+
+    # ------------------------------------------------------------ the result
+
+    def _release(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            reply = self.reply
+            finished = reply is None or reply.isclosed()
+            self.client._checkin(connection, finished and not (self.broken or self.cancelled))
+
+    def response(self) -> Response:
+        """The call's :class:`Response`, from what has arrived so far."""
+        content = "".join(self.content)
+        if self.cancelled and (self.error or not self.done):
+            response = Response(content, "cancelled")
+        elif self.error:
+            response = Response(content, "error", self._redacted(self.error))
+        else:
+            finish = self.finish if self.finish is not None else "stop"
+            reason = _STOP_REASONS.get(str(finish).lower(), str(finish))
+            if reason == "stop" and self.builders:
+                reason = "tool_calls"  # some servers say "stop" when they call tools
+            response = Response(content, reason)
+        response.status = self.status
+        response.usage = _usage(self.usage)
+        response.tool_calls = [
+            ToolCall(builder["id"] or "call_%d" % number, builder["name"],
+                     "".join(builder["arguments"]), builder["type"] or "function")
+            for number, builder in enumerate(self.builders)]
+        response.reasoning = "".join(self.reasoning)
+        response._reasoning_field = self.reasoning_field
+        response.model, response.id = self.model, self.id
+        return response
+
+    def _redacted(self, text: str) -> str:
+        key = self.client._api_key
+        return text.replace(key, "***") if key and len(key) >= 4 else text
+
+
+def _failed(error: str) -> Response:
+    return Response("", "error", error)
+
+
+# ---------------------------------------------------------------- the SSE decoder
+
+
+class _SSEDecoder:
+    """Server-sent events, incrementally: bytes in, ``(event type, payload)`` out.
+
+    As https://html.spec.whatwg.org/multipage/server-sent-events.html says:
+    lines end in CRLF, LF or CR (a CRLF may be split across two reads); a
+    leading BOM is dropped; ``data:`` lines join with LF; ``:`` comments and
+    ``id:``/``retry:`` fields are ignored; a blank line ends an event. Lines are
+    split as bytes and decoded whole, so that a character split across reads
+    stays whole and U+2028 inside JSON is no line end.
+
+    The payload is the data parsed as JSON (``_DONE`` for ``[DONE]``; the text
+    when it is not JSON). A data line that completes a JSON object is taken at
+    once, so that servers which end events with a single newline still stream.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._after_cr = False
+        self._started = False
+        self._kind = ""
+        self._data = []  # type: List[bytes]
+
+    def feed(self, chunk: bytes) -> "List[Tuple[str, Any]]":
+        if self._after_cr:
+            self._after_cr = False
+            if chunk[:1] == b"\n":  # the second half of a CRLF split across reads
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._after_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        data = self._buffer + chunk if self._buffer else chunk
+        if not self._started:
+            if len(data) < 3 and b"\xef\xbb\xbf".startswith(data):
+                self._buffer = data  # too short to tell whether it is a BOM
+                return []
+            self._started = True
+            if data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+        lines = data.split(b"\n")
+        self._buffer = lines.pop()
+        return self._lines(lines)
+
+    def close(self) -> "List[Tuple[str, Any]]":
+        """The end of the stream: what is left, taken leniently (the spec drops it)."""
+        lines = [self._buffer, b""] if self._buffer else [b""]
+        self._buffer = b""
+        return self._lines(lines)
+
+    def _lines(self, lines: "List[bytes]") -> "List[Tuple[str, Any]]":
+        events = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                self._data.append(value)
+                if value.endswith((b"}", b"]")):  # maybe complete: take it now if it parses
+                    payload = self._payload(eager=True)
+                    if payload is not None:
+                        events.append((self._kind or "message", payload))
+                        self._data, self._kind = [], ""
+            elif not line:
+                if self._data:
+                    events.append((self._kind or "message", self._payload(eager=False)))
+                self._data, self._kind = [], ""
+            elif line[:1] != b":":  # not a comment
+                field, _, value = line.partition(b":")
+                if field == b"event":
+                    value = value[1:] if value[:1] == b" " else value
+                    self._kind = value.decode("utf-8", "replace")
+        return events
+
+    def _payload(self, eager: bool) -> "Any":
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        if data == b"[DONE]":
+            return _DONE
+        text = data.decode("utf-8", "replace")
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            return None if eager else text
+
+
+# ---------------------------------------------------------------- reading what servers send
+
+
+def _server_message(body: bytes) -> str:
+    """The message in an error body of any common shape; "" for HTML or nothing."""
+    text = body.decode("utf-8", "replace").strip()
+    if text[:1] in ("{", "[", '"'):
+        try:
+            message = _message_of(json.loads(text))
+        except (ValueError, RecursionError):
+            message = ""
+        if message:
+            return message
+    if not text or text[:1] == "<":
+        return ""
+    return text
+
+
+def _message_of(value: "Any", depth: int = 0) -> str:
+    """Find the message in ``{"error": {"message"}}``, ``{"error": "..."}``,
+    ``{"message"}``, ``{"detail"}`` (a string, or FastAPI's list) and the like."""
+    if isinstance(value, str):
+        return value
+    if depth > 4:
+        return ""
+    if isinstance(value, list):
+        return "; ".join(filter(None, (_message_of(item, depth + 1) for item in value[:5])))
+    if not isinstance(value, dict):
+        return ""
+    for key in ("error", "message", "detail", "msg"):
+        message = _message_of(value.get(key), depth + 1)
+        if message:
+            if key == "msg" and isinstance(value.get("loc"), list):  # FastAPI validation
+                message = "%s: %s" % (".".join(map(str, value["loc"])), message)
+            raw = _field(value.get("metadata"), "raw") if key == "message" else None
+            if isinstance(raw, str) and raw:  # OpenRouter: the provider's own words
+                message = "%s (%s)" % (message, raw)
+            return message
+    return ""
+
+
+def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
+    """Usage with prompt, completion and total tokens, from any server's spelling."""
+    if not isinstance(usage, dict):
+        return None
+    usage = dict(usage)
+    for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        if ours not in usage and theirs in usage:
+            usage[ours] = usage[theirs]
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if "total_tokens" not in usage and isinstance(prompt, int) and isinstance(completion, int):
+        usage["total_tokens"] = prompt + completion
+    return usage
+
+
+def _retry_after(value: "Optional[str]") -> "Optional[float]":
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _text_of_parts(content: "Any") -> str:
+    """Text of a content given as a list of parts (``[{"type": "text", "text": ...}]``)."""
+    if not isinstance(content, list):
+        return ""
+    return "".join(part.get("text") or "" for part in content
+                   if isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
+def _field(value: "Any", key: str) -> "Any":
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _string(value: "Any") -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT - 3] + "..."
+
+
+def _clip(data: bytes) -> str:
+    return _one_line(data[:_ERROR_TEXT_LIMIT].decode("utf-8", "replace")) or "(empty)"
+
+
+def _where(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
