@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import weakref
-from urllib.parse import urlsplit  # loaded by http.client anyway
+from urllib.parse import urlsplit as _urlsplit  # loaded by http.client anyway
 
 _TYPE_CHECKING = False  # typing costs import time; only the type checker reads these
 if _TYPE_CHECKING:
@@ -440,6 +440,7 @@ class Client:
             origin = "http://%s" % _where(self._host, self._port)
             self._chat_path, self._models_path = (origin + self._chat_path,
                                                   origin + self._models_path)
+            self._headers.update(self._proxy[2])
 
     def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
         body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
@@ -455,9 +456,9 @@ class Client:
 
     def _checkout(self) -> "http.client.HTTPConnection":
         """This thread's idle connection, or a new one (calls may overlap in a thread)."""
-        connection = getattr(self._local, "idle", None)
-        if connection is not None:
-            self._local.idle = None
+        slot = getattr(self._local, "slot", None)
+        if slot is not None and slot.connection is not None:
+            connection, slot.connection = slot.connection, None
             return connection
         connection = self._new_connection()
         with self._lock:
@@ -465,8 +466,11 @@ class Client:
         return connection
 
     def _checkin(self, connection: "http.client.HTTPConnection", reusable: bool) -> None:
-        if reusable and getattr(self._local, "idle", None) is None:
-            self._local.idle = connection
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = _Slot()
+        if reusable and slot.connection is None:
+            slot.connection = connection
         else:
             connection.close()
 
@@ -496,6 +500,19 @@ class Client:
                 context.verify_mode = ssl.CERT_NONE
             self._tls = context
         return self._tls
+
+
+class _Slot:
+    """A thread's idle connection, closed when the thread ends."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self) -> None:
+        self.connection = None  # type: Optional[http.client.HTTPConnection]
+
+    def __del__(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
 
 
 # ---------------------------------------------------------------- module-level functions
@@ -560,7 +577,7 @@ def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
-    parts = urlsplit(url)
+    parts = _urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise ValueError("base_url must be an http:// or https:// URL, got %r" % url)
@@ -633,7 +650,7 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
     url = proxies.get(scheme) or proxies.get("all")
     if not url or urllib.request.proxy_bypass_environment(host, proxies):
         return None
-    parts = urlsplit(url if "://" in url else "http://" + url)
+    parts = _urlsplit(url if "://" in url else "http://" + url)
     headers = {}
     if parts.username is not None:
         credentials = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
@@ -746,6 +763,10 @@ class _Call:
             first = self._read(reply)  # no telling type: look at the first bytes
             if first.lstrip()[:1] in (b"{", b"["):
                 kind = "json"
+            elif first.lstrip()[:1] == b"<":
+                self.broken = True
+                raise _Failure("expected JSON or an event stream, got %s: %s"
+                               % (kind or "no content type", _clip(first)))
         if "json" in kind:
             text = self._apply(self._read_json(reply, first), "message")
             self.done = True
@@ -893,12 +914,12 @@ class _Call:
             self.deadline_bound = remaining < self.client._read_timeout
             self.sock.settimeout(min(remaining, self.client._read_timeout))
 
-    def _read(self, reply: "http.client.HTTPResponse") -> bytes:
+    def _read(self, reply: "http.client.HTTPResponse", whole: bool = False) -> bytes:
         """Read what is there (at most one buffer), as soon as anything is."""
         if self.deadline_at:
             self._arm()
         try:
-            return reply.read1(_READ_SIZE)
+            return reply.read() if whole else reply.read1(_READ_SIZE)
         except http.client.IncompleteRead:
             self.broken = True
             raise _Failure("connection closed in the middle of a chunk: the response was cut short")
@@ -956,9 +977,12 @@ class _Call:
         return reply_object
 
     def _read_rest(self, reply: "http.client.HTTPResponse", limit: int) -> bytes:
-        if reply.length is not None and reply.length > limit:
-            self.broken = True
-            raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
+        if reply.length is not None:
+            if reply.length > limit:
+                self.broken = True
+                raise _Failure("response larger than max_bytes (%d bytes)"
+                               % self.client._max_bytes)
+            return self._read(reply, whole=True)  # read() closes the reply: reusable
         parts = []
         while True:
             data = self._read(reply)
