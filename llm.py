@@ -478,8 +478,9 @@ class Client:
         host, port = self._proxy[:2] if self._proxy else (self._host, self._port)
         if self._scheme == "http":
             return http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        context = self._tls_context()  # first: without ssl there is no HTTPSConnection
         connection = http.client.HTTPSConnection(
-            host, port, timeout=self._connect_timeout, context=self._tls_context())
+            host, port, timeout=self._connect_timeout, context=context)
         if self._proxy:
             connection.set_tunnel(self._host, self._port, headers=self._proxy[2])
         return connection

@@ -947,6 +947,415 @@ class RetryTest(LoopbackCase):
         self.assertIsNone(llm._retry_after("soon"))
 
 
+
+# ---------------------------------------------------------------- TLS and proxies
+
+
+class Proxy:
+    """A loopback proxy: CONNECT tunnels and absolute-URL forwarding, all to one port."""
+
+    def __init__(self, target_port):
+        self.target_port, self.seen = target_port, []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        sock.settimeout(10)
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        try:
+            reader = sock.makefile("rb")
+            lines = [reader.readline()]
+            while lines[-1] not in (b"\r\n", b""):
+                lines.append(reader.readline())
+            self.seen.append(b"".join(lines).decode("latin-1"))
+            if lines[0].startswith(b"CONNECT"):
+                sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                length = [int(l.split(b":")[1]) for l in lines if l.lower().startswith(b"content-length")]
+                upstream.sendall(b"".join(lines) + reader.read(length[0] if length else 0))
+            threading.Thread(target=pipe, args=(upstream, sock), daemon=True).start()
+            pipe(sock, upstream)
+        except OSError:
+            pass
+        finally:
+            upstream.close()
+            sock.close()
+
+
+def pipe(source, target):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            target.sendall(data)
+    except OSError:
+        pass
+    try:
+        target.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def environment(**values):
+    """Patch os.environ: the given values, and no proxy or llm.py settings besides."""
+    names = [n for n in os.environ if n.lower().endswith("_proxy") or n in llm._ENVIRONMENT]
+    patch = mock.patch.dict(os.environ, values)
+    patch.start()
+    for name in names:
+        if name not in values:
+            del os.environ[name]
+    return patch
+
+
+class TLSAndProxyTest(LoopbackCase):
+    def env(self, **values):
+        self.addCleanup(environment(**values).stop)
+
+    def test_https_with_a_ca_file(self):
+        server = self.serve(answer(message("secure")), tls=True)
+        self.assertEqual(self.client(server, ca_file=CA_FILE).chat(HI).content, "secure")
+
+    def test_https_verifies_certificates_by_default(self):
+        server = self.serve(answer(message("secure")), tls=True)
+        response = self.client(server).chat(HI)
+        self.assertEqual(response.stop_reason, "error")
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", response.error)
+        self.assertEqual(server.requests, [])
+
+    def test_https_verification_can_be_turned_off(self):
+        server = self.serve(sse(delta("ok", "stop")), tls=True)
+        self.assertEqual(self.client(server, verify=False).chat_stream(HI, Writes()).content, "ok")
+
+    def test_bad_ca_file_is_an_error(self):
+        server = self.serve(answer(message("x")), tls=True)
+        response = self.client(server, ca_file="/nonexistent/ca.pem").chat(HI)
+        self.assertIn("cannot load ca_file", response.error)
+
+    def test_http_through_a_proxy_with_credentials(self):
+        server = self.serve(answer(message("proxied")))
+        proxy = Proxy(server.port)
+        self.addCleanup(proxy.close)
+        self.env(HTTP_PROXY=proxy.url.replace("http://", "http://user:p%40ss@"))
+        response = self.client("http://llm.test/v1").chat(HI)  # resolved by the proxy only
+        self.assertEqual(response.content, "proxied")
+        self.assertTrue(proxy.seen[0].startswith("POST http://llm.test:80/v1/chat/completions HTTP/1.1"))
+        credentials = base64.b64encode(b"user:p@ss").decode()
+        self.assertIn("Proxy-Authorization: Basic " + credentials, proxy.seen[0])
+
+    def test_https_through_a_proxy_uses_connect(self):
+        server = self.serve(sse(delta("tunnelled", "stop")), tls=True)
+        proxy = Proxy(server.port)
+        self.addCleanup(proxy.close)
+        self.env(HTTPS_PROXY=proxy.url)
+        client = self.client("https://llm.test/v1", ca_file=CA_FILE, api_key=KEY)
+        self.assertEqual(client.chat_stream(HI, Writes()).content, "tunnelled")
+        self.assertTrue(proxy.seen[0].startswith("CONNECT llm.test:443"))
+        self.assertNotIn(KEY, proxy.seen[0])  # the key goes inside the tunnel only
+        self.assertEqual(server.requests[0].headers["authorization"], "Bearer " + KEY)
+
+    def test_loopback_never_goes_through_a_proxy(self):
+        server = self.serve(answer(message("direct")))
+        self.env(HTTP_PROXY="http://127.0.0.1:%d" % free_port(), ALL_PROXY="http://127.0.0.1:1")
+        self.assertEqual(self.client(server).chat(HI).content, "direct")
+        self.assertIsNone(llm._proxy_for("http", "localhost"))
+
+    def test_no_proxy_is_honoured(self):
+        self.env(HTTP_PROXY="http://proxy.example:3128", NO_PROXY="llm.test,.internal")
+        self.assertIsNone(llm._proxy_for("http", "llm.test"))
+        self.assertIsNone(llm._proxy_for("http", "api.internal"))
+        self.assertEqual(llm._proxy_for("http", "other.test"), ("proxy.example", 3128, {}))
+        self.assertIsNone(llm._proxy_for("https", "other.test"))
+
+    def test_without_ssl_http_works_and_https_says_why_not(self):
+        server = self.serve(answer(message("plain")))
+        code = ("import sys; sys.modules['ssl'] = None; sys.path.insert(0, %r)\n"
+                "import llm\n"
+                "print(llm.Client(%r, api_key='').chat([{'role': 'user', 'content': 'x'}]).content)\n"
+                "print(llm.Client('https://127.0.0.1:1', api_key='').chat([{'role': 'user', 'content': 'x'}]).error)\n"
+                % (HERE, server.url))
+        output = subprocess.check_output([sys.executable, "-c", code]).decode().splitlines()
+        self.assertEqual(output[0], "plain")
+        self.assertIn("ssl module", output[1])
+
+
+# ---------------------------------------------------------------- configuration and arguments
+
+
+class ConfigurationTest(LoopbackCase):
+    def env(self, **values):
+        self.addCleanup(environment(**values).stop)
+
+    def test_base_url_forms(self):
+        cases = [("", "/v1/chat/completions"), ("/", "/v1/chat/completions"),
+                 ("/v1", "/v1/chat/completions"), ("/v1/", "/v1/chat/completions"),
+                 ("/openai/v1", "/openai/v1/chat/completions"),
+                 ("/v1beta/openai/", "/v1beta/openai/chat/completions"),
+                 ("/api/v1/chat/completions", "/api/v1/chat/completions"),
+                 ("/deploy/chat/completions?api-version=2024-06-01",
+                  "/deploy/chat/completions?api-version=2024-06-01")]
+        server = self.serve(answer(message("x")))
+        for suffix, path in cases:
+            with self.subTest(suffix=suffix):
+                self.client(server.url + suffix).chat(HI)
+                self.assertEqual(server.requests[-1].path, path)
+        self.client(server.url.replace("http://", "")).chat(HI)  # no scheme: http
+        self.assertEqual(server.requests[-1].path, "/v1/chat/completions")
+
+    def test_environment_configures_the_module_level_functions(self):
+        server = self.serve(answer(message("from env")), sse(delta("streamed", "stop")))
+        self.env(LLM_BASE_URL=server.url + "/v1", LLM_MODEL="envmodel", LLM_API_KEY=KEY)
+        self.assertEqual(llm.chat(HI).content, "from env")
+        writes = []
+        self.assertEqual(llm.chat_stream(HI, Writes(writes)).content, "streamed")
+        self.assertEqual(writes, ["streamed"])
+        request = server.requests[0]
+        self.assertEqual((request.json()["model"], request.headers["authorization"]), ("envmodel", "Bearer " + KEY))
+        self.assertEqual(server.connections, 1)  # the environment's client is reused
+
+    def test_environment_precedence_and_defaults(self):
+        self.env()
+        self.assertEqual(llm.Client().base_url, "http://localhost:11434")
+        self.env(OPENAI_BASE_URL="https://api.example/v1", OLLAMA_HOST="somewhere", OPENAI_API_KEY="k1")
+        self.assertEqual((llm.Client().base_url, llm.Client()._api_key), ("https://api.example/v1", "k1"))
+        self.env(LLM_BASE_URL="http://a:1", OPENAI_BASE_URL="http://b:2", LLM_API_KEY="k2", OPENAI_API_KEY="k1")
+        self.assertEqual((llm.Client().base_url, llm.Client()._api_key), ("http://a:1", "k2"))
+        self.assertEqual(llm.Client(api_key="")._api_key, "")  # "" means no key, whatever the environment
+        self.assertEqual(llm.Client("http://c:3").base_url, "http://c:3")
+
+    def test_ollama_host_lenient_forms(self):
+        cases = [("gpu-box", "http://gpu-box:11434"), (":8080", "http://127.0.0.1:8080"),
+                 ("gpu-box:9000", "http://gpu-box:9000"), ("https://ollama.example", "https://ollama.example:443"),
+                 ("http://10.0.0.5:11434", "http://10.0.0.5:11434"), ("0.0.0.0", "http://0.0.0.0:11434"),
+                 ("[::1]:11434", "http://[::1]:11434")]
+        for value, expected in cases:
+            with self.subTest(value=value):
+                self.assertEqual(llm._base_url_from({"OLLAMA_HOST": value}), expected)
+
+    def test_system_prompt_is_put_first_unless_there_is_one(self):
+        server = self.serve(answer(message("x")))
+        client = self.client(server, system="Be brief.")
+        client.chat(HI)
+        self.assertEqual(server.requests[0].json()["messages"],
+                         [{"role": "system", "content": "Be brief."}] + HI)
+        own = [{"role": "system", "content": "Mine."}] + HI
+        client.chat(own)
+        self.assertEqual(server.requests[1].json()["messages"], own)
+
+    def test_params_default_and_per_call_and_none_leaves_out(self):
+        server = self.serve(answer(message("x")))
+        client = self.client(server, params={"temperature": 0.2, "seed": 1, "top_p": 0.9})
+        client.chat(HI, temperature=0.7, top_p=None, stream=True, max_tokens=5,
+                    response_format={"type": "json_object"}, stop=["\n"])
+        body = server.requests[0].json()
+        self.assertEqual((body["temperature"], body["seed"], body["max_tokens"], body["stop"]), (0.7, 1, 5, ["\n"]))
+        self.assertEqual(body["response_format"], {"type": "json_object"})
+        self.assertNotIn("top_p", body)
+        self.assertIs(body["stream"], False)  # the library decides streaming
+
+    def test_model_can_be_given_per_call(self):
+        server = self.serve(answer(message("x")))
+        self.client(server).chat(HI, model="other")
+        self.assertEqual(server.requests[0].json()["model"], "other")
+
+    def test_headers_user_agent_and_key(self):
+        server = self.serve(answer(message("x")))
+        self.client(server, api_key=KEY, headers={"X-Title": "demo"}).chat(HI)
+        headers = server.requests[0].headers
+        self.assertEqual((headers["x-title"], headers["authorization"]), ("demo", "Bearer " + KEY))
+        self.assertTrue(headers["user-agent"].startswith("llm.py/"))
+        self.assertEqual(headers["content-type"], "application/json")
+        self.client(server).chat(HI)
+        self.assertNotIn("authorization", server.requests[1].headers)
+
+    def test_images_from_files_and_urls(self):
+        server = self.serve(answer(message("a cat")))
+        png = b"\x89PNG\r\n\x1a\n" + b"\0" * 20
+        with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
+            f.write(png)
+        self.addCleanup(os.unlink, f.name)
+        content = [{"type": "text", "text": "What is it?"}, llm.image(f.name, detail="low"),
+                   llm.image("https://example.com/cat.jpg")]
+        self.assertEqual(self.client(server).chat([llm.Message("user", content)]).content, "a cat")
+        sent = server.requests[0].json()["messages"][0]["content"]
+        self.assertEqual(sent[1], {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(png).decode(), "detail": "low"}})
+        self.assertEqual(sent[2]["image_url"]["url"], "https://example.com/cat.jpg")
+
+    def test_an_image_that_cannot_be_read_is_an_error_before_sending(self):
+        server = self.serve(answer(message("x")))
+        for bad in ("/nonexistent/cat.png", __file__, None):
+            with self.subTest(bad=bad):
+                response = self.client(server).chat([llm.Message("user", [llm.image(bad)])])
+                self.assertEqual(response.stop_reason, "error")
+                self.assertIn("image", response.error)
+        self.assertEqual(server.requests, [])
+
+
+class NoExceptionTest(LoopbackCase):
+    """Bad arguments are answered with an error response before any byte is sent."""
+
+    def assert_refused(self, response, server, text=""):
+        self.assertIsInstance(response, llm.Response)
+        self.assertEqual((response.stop_reason, response.ok), ("error", False))
+        self.assertTrue(response.error)
+        self.assertIn(text, response.error)
+        self.assertEqual(server.requests, [])
+
+    def test_bad_messages(self):
+        server = self.serve(answer(message("x")))
+        client = self.client(server)
+        for messages in (None, "Hi", 3, {"role": "user"}, [None], ["Hi"], [{}], [{"role": ""}],
+                         [{"role": 5, "content": "x"}], [{"role": "user", "content": object()}],
+                         [{"role": "user", "content": b"bytes"}], [{"role": "user", "content": float("nan")}]):
+            with self.subTest(messages=messages):
+                self.assert_refused(client.chat(messages), server)
+                self.assert_refused(client.chat_stream(messages, Writes()), server)
+                stream = client.stream(messages)
+                self.assertEqual(list(stream), [])
+                self.assert_refused(stream.response, server)
+
+    def test_bad_params(self):
+        server = self.serve(answer(message("x")))
+        client = self.client(server)
+        self.assert_refused(client.chat(HI, temperature=object()), server, "JSON")
+        self.assert_refused(client.chat(HI, temperature=float("inf")), server, "JSON")
+
+    def test_bad_client_arguments(self):
+        server = self.serve(answer(message("x")))
+        cases = [dict(base_url=5), dict(base_url="ftp://host"), dict(base_url="http://"),
+                 dict(base_url="http://host:99999"), dict(base_url="http://a b"),
+                 dict(timeout=0), dict(timeout=-1), dict(timeout="soon"), dict(timeout=(1,)),
+                 dict(timeout=float("nan")), dict(deadline=0), dict(retries=-1), dict(retries=1.5),
+                 dict(model=7), dict(system=3), dict(headers="x"), dict(headers={1: "x"}),
+                 dict(headers={"X": 2}), dict(max_bytes="big"), dict(api_key=12)]
+        for options in cases:
+            with self.subTest(options=options):
+                options.setdefault("base_url", server.url)
+                client = llm.Client(**options)
+                self.assert_refused(client.chat(HI), server)
+                self.assert_refused(client.chat_stream(HI, Writes()), server)
+                repr(client)
+
+    def test_line_breaks_in_headers_key_or_model_are_refused(self):
+        server = self.serve(answer(message("x")))
+        for options in (dict(api_key="sk-abc\r\nX-Evil: 1"), dict(headers={"X-A": "1\r\nX-Evil: 1"}),
+                        dict(headers={"X-A\nB": "1"}), dict(model="m\n"), dict(api_key="sk\0")):
+            with self.subTest(options=options):
+                response = llm.Client(server.url, **options).chat(HI)
+                self.assert_refused(response, server, "line break")
+                self.assertNotIn("sk-abc", response.error)
+                self.assertNotIn("X-Evil", response.error)
+
+    def test_out_without_write_is_an_error(self):
+        server = self.serve(answer(message("x")))
+        self.assert_refused(self.client(server).chat_stream(HI, object()), server, "write")
+        self.assert_refused(self.client(server).chat_stream(HI, None), server, "write")
+
+    def test_keyboard_interrupt_still_propagates(self):
+        server = self.serve(sse(delta("a"), delta("b", "stop")))
+        client = self.client(server)
+
+        class Interrupting:
+            def write(self, text):
+                raise KeyboardInterrupt
+        with self.assertRaises(KeyboardInterrupt):
+            client.chat_stream(HI, Interrupting())
+        self.assertEqual(client.chat_stream(HI, Writes()).content, "ab")  # the client still works
+
+    def test_the_key_never_appears_in_repr_or_errors(self):
+        client = llm.Client("http://127.0.0.1:%d" % free_port(), api_key=KEY)
+        response = client.chat(HI)
+        for text in (repr(client), str(client), response.error, repr(response)):
+            self.assertNotIn(KEY, text)
+        self.assertIn("***", repr(client))
+
+
+# ---------------------------------------------------------------- SSEWriter and Stream
+
+
+class SSEWriterTest(LoopbackCase):
+    def test_relays_each_delta_as_an_event_then_done(self):
+        server = self.serve(sse(delta("Hel"), delta('lo "x"\n', "stop")))
+        out = io.StringIO()
+        response = self.client(server).chat_stream(HI, llm.SSEWriter(out))
+        self.assertEqual(response.content, 'Hello "x"\n')
+        self.assertEqual(out.getvalue(), 'data: {"content": "Hel"}\n\n'
+                                         'data: {"content": "lo \\"x\\"\\n"}\n\n'
+                                         'data: [DONE]\n\n')
+
+    def test_relays_to_a_binary_stream_and_reports_errors(self):
+        server = self.serve(sse(delta("a"), RESET))
+        out = io.BytesIO()
+        response = self.client(server).chat_stream(HI, llm.SSEWriter(out))
+        lines = out.getvalue().decode().split("\n\n")
+        self.assertEqual(lines[0], 'data: {"content": "a"}')
+        self.assertEqual(json.loads(lines[1][6:]), {"error": response.error})
+        self.assertEqual(lines[2:], ["data: [DONE]", ""])
+
+    def test_a_writer_that_fails_ends_the_call_and_closes_the_connection(self):
+        server = self.serve(sse(delta("one"), delta("two"), 0.05, delta("three"), delta("four", "stop")))
+        client = self.client(server)
+        writes = []
+        response = client.chat_stream(HI, Writes(writes, fail_after=1))
+        self.assertEqual(writes, ["one"])
+        self.assertEqual(response.stop_reason, "error")
+        self.assertTrue(response.error.startswith("writing the reply failed: BrokenPipeError"))
+        self.assertEqual(response.content, "onetwo")  # everything received is kept
+        self.assertEqual(client.chat_stream(HI, Writes()).content, "onetwothreefour")
+        self.assertEqual(server.connections, 2)
+
+    def test_sse_writer_whose_out_fails(self):
+        server = self.serve(sse(delta("a"), delta("b", "stop")))
+        out = Writes(fail_after=1)
+        response = self.client(server).chat_stream(HI, llm.SSEWriter(out))
+        self.assertEqual((response.stop_reason, response.content), ("error", "ab"))
+
+
+class StreamTest(LoopbackCase):
+    def test_iterates_pieces_then_has_the_response(self):
+        server = self.serve(sse(delta("a"), delta("b", "length"), {"choices": [], "usage": {"total_tokens": 3}}))
+        stream = self.client(server).stream(HI)
+        self.assertEqual(list(stream), ["a", "b"])
+        response = stream.response
+        self.assertEqual((response.content, response.stop_reason, response.usage["total_tokens"]), ("ab", "length", 3))
+
+    def test_response_reads_the_rest_first(self):
+        server = self.serve(sse(delta("a"), delta("b", "stop")))
+        stream = self.client(server).stream(HI)
+        self.assertEqual(next(stream), "a")
+        self.assertEqual(stream.response.content, "ab")
+
+    def test_close_ends_early_as_cancelled(self):
+        server = self.serve(sse(delta("a"), HANG))
+        client = self.client(server)
+        with client.stream(HI) as stream:
+            self.assertEqual(next(stream), "a")
+        self.assertEqual((stream.response.stop_reason, stream.response.content), ("cancelled", "a"))
+        server.answers = [sse(delta("b", "stop"))]
+        self.assertEqual(client.chat_stream(HI, Writes()).content, "b")
+
+    def test_errors_end_the_iteration_quietly(self):
+        server = self.serve(answer({"error": "nope"}, 500))
+        stream = self.client(server).stream(HI)
+        self.assertEqual(list(stream), [])
+        self.assertEqual(stream.response.error, "HTTP 500: nope")
+
+
 def free_port():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
