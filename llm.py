@@ -195,8 +195,8 @@ class Response:
         Tool calls are included, and so is the reasoning, under the field
         name the server used (some servers want it back in tool loops).
         """
-        message = {"role": "assistant",
-                   "content": self.content if self.content or not self.tool_calls else None}
+        message = {"role": "assistant", "content": self.content if self.content
+                   or not self.tool_calls else None}  # type: Dict[str, Any]
         if self.tool_calls:
             message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         if self.reasoning:
@@ -428,7 +428,7 @@ class Client:
         (self._scheme, self._host, self._port, self._chat_path,
          self._models_path) = _endpoint(self.base_url)
         self._connect_timeout, self._read_timeout = _timeouts(timeout)
-        self._deadline = _seconds("deadline", deadline) if deadline is not None else None
+        self._deadline = _seconds("deadline", deadline) if deadline is not None else 0.0
         self._retries = _count("retries", retries)
         self._max_bytes = _count("max_bytes", max_bytes)
         self._verify, self._ca_file = bool(verify), ca_file
@@ -456,7 +456,7 @@ class Client:
 
     def _checkout(self) -> "http.client.HTTPConnection":
         """This thread's idle connection, or a new one (calls may overlap in a thread)."""
-        slot = getattr(self._local, "slot", None)
+        slot = getattr(self._local, "slot", None)  # type: Optional[_Slot]
         if slot is not None and slot.connection is not None:
             connection, slot.connection = slot.connection, None
             return connection
@@ -649,7 +649,8 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
 
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(scheme) or proxies.get("all")
-    if not url or urllib.request.proxy_bypass_environment(host, proxies):
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not url or bypass(host, proxies):
         return None
     parts = _urlsplit(url if "://" in url else "http://" + url)
     headers = {}
@@ -964,7 +965,7 @@ class _Call:
             return self._apply(payload, "delta")
         return None  # a data line that is not JSON: nothing to take from it
 
-    def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Dict[str, Any]":
+    def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Any":
         data = first + self._read_rest(reply, self.client._max_bytes - len(first))
         try:
             reply_object = json.loads(data.decode("utf-8", "replace"))
@@ -984,7 +985,7 @@ class _Call:
                 raise _Failure("response larger than max_bytes (%d bytes)"
                                % self.client._max_bytes)
             return self._read(reply, whole=True)  # read() closes the reply: reusable
-        parts = []
+        parts = []  # type: List[bytes]
         while True:
             data = self._read(reply)
             if not data:
@@ -1107,10 +1108,10 @@ class _Call:
     def _builder_for(self, index: "Any", call_id: str) -> "Dict[str, Any]":
         builders = self.builders
         if isinstance(index, int) and not isinstance(index, bool):
-            for builder in reversed(builders):
-                if builder["index"] == index:
-                    if not (call_id and builder["id"] and call_id != builder["id"]):
-                        return builder
+            for existing in builders[::-1]:
+                if existing["index"] == index:
+                    if not (call_id and existing["id"] and call_id != existing["id"]):
+                        return existing
                     break  # the index was reused for a new call
         elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
             return builders[-1]  # no index: a fragment continues the last call
@@ -1289,14 +1290,14 @@ def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
     """Usage with prompt, completion and total tokens, from any server's spelling."""
     if not isinstance(usage, dict):
         return None
-    usage = dict(usage)
+    tokens = usage.copy()  # type: Dict[str, Any]
     for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
-        if ours not in usage and theirs in usage:
-            usage[ours] = usage[theirs]
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if "total_tokens" not in usage and isinstance(prompt, int) and isinstance(completion, int):
-        usage["total_tokens"] = prompt + completion
-    return usage
+        if ours not in tokens and theirs in tokens:
+            tokens[ours] = tokens[theirs]
+    prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+    if "total_tokens" not in tokens and isinstance(prompt, int) and isinstance(completion, int):
+        tokens["total_tokens"] = prompt + completion
+    return tokens
 
 
 def _retry_after(value: "Optional[str]") -> "Optional[float]":
