@@ -341,7 +341,7 @@ class Client:
         leaves that key out.
         """
         call = _Call(self, stream=False)
-        for _ in call.run(messages, params):
+        for _ in call.run(call.chat(messages, params)):
             pass
         return call.response()
 
@@ -357,7 +357,7 @@ class Client:
         if not callable(write):
             return _failed("out must have a write(str) method, got %s" % type(out).__name__)
         flush = getattr(out, "flush", None)
-        pieces = call.run(messages, params)
+        pieces = call.run(call.chat(messages, params))
         try:
             for piece in pieces:
                 write(piece)
@@ -379,7 +379,20 @@ class Client:
     def stream(self, messages: "List[Any]", **params: "Any") -> Stream:
         """Return the reply as a :class:`Stream`: an iterator of text pieces."""
         call = _Call(self, stream=True)
-        return Stream(call, call.run(messages, params))
+        return Stream(call, call.run(call.chat(messages, params)))
+
+    def models(self) -> "_Models":
+        """The ids of the models the server offers (``GET .../models``).
+
+        A list; when the call fails it is empty and its ``error`` says why
+        (``status`` is the HTTP status, as on a :class:`Response`).
+        """
+        call = _Call(self, stream=False)
+        found = _Models()
+        for _ in call.run(call.models(found)):
+            pass
+        found.error, found.status = call._redacted(call.error), call.status
+        return found
 
     def cancel(self) -> None:
         """End every call in flight on this client, from any thread.
@@ -501,6 +514,13 @@ class Client:
                 context.verify_mode = ssl.CERT_NONE
             self._tls = context
         return self._tls
+
+
+class _Models(list):  # type: ignore[type-arg]
+    """Model ids, with ``error`` and ``status`` as on a Response."""
+
+    error = ""
+    status = 0
 
 
 class _Slot:
@@ -736,7 +756,8 @@ class _Call:
 
     # ------------------------------------------------------------ the run
 
-    def run(self, messages: "Any", params: "Dict[str, Any]") -> "Iterator[str]":
+    def run(self, work: "Iterator[str]") -> "Iterator[str]":
+        """Run ``work`` (a generator of this call's): its pieces, then the result."""
         client = self.client
         with client._lock:
             client._active.add(self)
@@ -745,7 +766,7 @@ class _Call:
                 raise _Failure(client._problem)
             if client._deadline:
                 self.deadline_at = time.monotonic() + client._deadline
-            for piece in self._exchange(client._body(messages, params, self.stream)):
+            for piece in work:
                 yield piece
         except _Failure as failure:
             self.error = str(failure)
@@ -757,8 +778,9 @@ class _Call:
                 self.sock = None
             self._release()
 
-    def _exchange(self, body: "Dict[str, Any]") -> "Iterator[str]":
-        reply = self._request(body)
+    def chat(self, messages: "Any", params: "Dict[str, Any]") -> "Iterator[str]":
+        """The chat exchange: send the messages, yield the reply's text as it comes."""
+        reply = self._request(self.client._body(messages, params, self.stream))
         kind = (reply.getheader("Content-Type") or "").lower()
         first = b""
         if "json" not in kind and "event-stream" not in kind:
@@ -770,7 +792,10 @@ class _Call:
                 raise _Failure("expected JSON or an event stream, got %s: %s"
                                % (kind or "no content type", _clip(first)))
         if "json" in kind:
-            text = self._apply(self._read_json(reply, first), "message")
+            whole = self._read_json(reply, first)
+            if "choices" not in whole and "error" not in whole and whole.get("object") != "error":
+                raise _Failure("the reply has no choices: %s" % _clip(json.dumps(whole).encode()))
+            text = self._apply(whole, "message")
             self.done = True
             if text:
                 yield text
@@ -778,11 +803,21 @@ class _Call:
             for piece in self._read_events(reply, first):
                 yield piece
 
-    def _request(self, body: "Dict[str, Any]") -> "http.client.HTTPResponse":
-        """Send the request until a 2xx answer comes, retrying as configured."""
+    def models(self, found: "List[str]") -> "Iterator[str]":
+        """``GET .../models``: put the model ids in ``found``."""
+        listing = self._read_json(self._request(None), b"")
+        entries = listing.get("data") or listing.get("models") or []  # OpenAI's shape, Ollama's
+        for entry in entries if isinstance(entries, list) else []:
+            name = _field(entry, "id") or _field(entry, "name")
+            if isinstance(name, str):
+                found.append(name)
+        yield from ()  # a generator, so that it runs inside run()'s boundary
+
+    def _request(self, body: "Optional[Dict[str, Any]]") -> "http.client.HTTPResponse":
+        """POST body (GET the models when None) until a 2xx answer, retrying as configured."""
         client = self.client
         attempt = 0
-        data = _encode(body)
+        data = None if body is None else _encode(body)
         while True:
             try:
                 reply = self._send(data)
@@ -796,7 +831,7 @@ class _Call:
             if 200 <= reply.status < 300:
                 return reply
             message, raw = self._error_of(reply)
-            if (self.stream and "stream_options" in body and client._stream_usage
+            if (self.stream and body and "stream_options" in body and client._stream_usage
                     and reply.status in (400, 422)
                     and ("stream_options" in raw or "include_usage" in raw)):
                 client._stream_usage = False  # this server rejects it: remember, resend once
@@ -809,8 +844,8 @@ class _Call:
                 continue
             raise _Failure(message)
 
-    def _send(self, data: bytes) -> "http.client.HTTPResponse":
-        """POST ``data``; a kept-alive connection that the server closed is retried once."""
+    def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
+        """Send the request; a kept-alive connection that the server closed is retried once."""
         client = self.client
         connection = self.connection = self.connection or client._checkout()
         headers = dict(client._headers)
@@ -823,7 +858,10 @@ class _Call:
                 connection.sock.settimeout(client._read_timeout)
             self._attach(connection.sock)
             try:
-                connection.request("POST", client._chat_path, data, headers)
+                if data is None:
+                    connection.request("GET", client._models_path, headers=headers)
+                else:
+                    connection.request("POST", client._chat_path, data, headers)
                 self._arm()
                 self.reply = connection.getresponse()
                 return self.reply
@@ -973,9 +1011,6 @@ class _Call:
             raise _Failure("the server sent invalid JSON: %s" % _clip(data))
         if not isinstance(reply_object, dict):
             raise _Failure("the server sent JSON that is not an object: %s" % _clip(data))
-        if "choices" not in reply_object and "error" not in reply_object \
-                and reply_object.get("object") != "error":
-            raise _Failure("the reply has no choices: %s" % _clip(data))
         return reply_object
 
     def _read_rest(self, reply: "http.client.HTTPResponse", limit: int) -> bytes:

@@ -1285,6 +1285,28 @@ class NoExceptionTest(LoopbackCase):
         self.assertIn("***", repr(client))
 
 
+class ModelsTest(LoopbackCase):
+    def test_lists_model_ids_in_openai_and_ollama_shapes(self):
+        server = self.serve(answer({"object": "list", "data": [{"id": "llama3.2", "object": "model"}, {"id": "qwen"}]}),
+                            answer({"models": [{"name": "mistral:7b"}]}))
+        client = self.client(server, api_key=KEY)
+        models = client.models()
+        self.assertEqual((models, models.error, models.status), (["llama3.2", "qwen"], "", 200))
+        self.assertEqual(client.models(), ["mistral:7b"])
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path, request.body), ("GET", "/v1/models", b""))
+        self.assertEqual(request.headers["authorization"], "Bearer " + KEY)
+        self.assertEqual(server.connections, 1)
+
+    def test_failures_give_an_empty_list_with_the_error(self):
+        server = self.serve(answer({"error": "not here"}, 404))
+        models = self.client(server).models()
+        self.assertEqual((models, models.error, models.status), ([], "HTTP 404: not here", 404))
+        refused = llm.Client("http://127.0.0.1:%d" % free_port()).models()
+        self.assertEqual(refused, [])
+        self.assertIn("connection refused", refused.error)
+
+
 # ---------------------------------------------------------------- SSEWriter and Stream
 
 
