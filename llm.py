@@ -303,7 +303,8 @@ class Client:
     retries included, or ``None``. ``headers``: extra request headers.
     ``retries``: how many times to retry a failed connection or a 408, 409,
     429, 5xx answer before any output. ``verify``: check the server's TLS
-    certificate. ``ca_file``: a PEM file of trusted certificates.
+    certificate (a path here is taken as ``ca_file``). ``ca_file``: a PEM
+    file of trusted certificates.
     ``params``: default request parameters (``{"temperature": 0}``), under
     those of each call. ``stream_usage``: ask for token usage when
     streaming. ``max_bytes``: the largest response body accepted.
@@ -352,11 +353,12 @@ class Client:
         the :class:`Response` with the whole content. When ``out.write`` raises
         (a reader went away), the call ends with an error response.
         """
-        call = _Call(self, stream=True)
         write = getattr(out, "write", None)
         if not callable(write):
-            return _failed("out must have a write(str) method, got %s" % type(out).__name__)
+            return Response("", "error", "out must have a write(str) method, got %s"
+                            % type(out).__name__)
         flush = getattr(out, "flush", None)
+        call = _Call(self, stream=True)
         pieces = call.run(call.chat(messages, params))
         try:
             for piece in pieces:
@@ -444,7 +446,11 @@ class Client:
         self._deadline = _seconds("deadline", deadline) if deadline is not None else 0.0
         self._retries = _count("retries", retries)
         self._max_bytes = _count("max_bytes", max_bytes)
+        if isinstance(verify, str):  # a CA file, as requests takes it
+            verify, ca_file = True, verify
         self._verify, self._ca_file = bool(verify), ca_file
+        if not isinstance(params or {}, dict):
+            raise TypeError("params must be a dict, got %s" % type(params).__name__)
         self._params = dict(params or {})
         self._stream_usage = bool(stream_usage)
         self._headers = _headers(self._api_key, headers or {})
@@ -699,10 +705,9 @@ def _checked_messages(messages: "Any", system: str) -> "List[Any]":
         if not isinstance(role, str) or not role:
             raise _Failure("messages[%d] has no role" % number)
         content = message.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, _BadPart):
-                    raise _Failure("messages[%d]: %s" % (number, part.problem))
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, _BadPart):
+                raise _Failure("messages[%d]: %s" % (number, part.problem))
     if system and not (messages and messages[0].get("role") == "system"):
         return [{"role": "system", "content": system}] + list(messages)
     return list(messages)
@@ -1190,10 +1195,6 @@ class _Call:
     def _redacted(self, text: str) -> str:
         key = self.client._api_key
         return text.replace(key, "***") if key and len(key) >= 4 else text
-
-
-def _failed(error: str) -> Response:
-    return Response("", "error", error)
 
 
 # ---------------------------------------------------------------- the SSE decoder

@@ -1037,6 +1037,10 @@ class TLSAndProxyTest(LoopbackCase):
         self.assertIn("CERTIFICATE_VERIFY_FAILED", response.error)
         self.assertEqual(server.requests, [])
 
+    def test_verify_may_name_the_ca_file(self):
+        server = self.serve(answer(message("secure")), tls=True)
+        self.assertEqual(self.client(server, verify=CA_FILE).chat(HI).content, "secure")
+
     def test_https_verification_can_be_turned_off(self):
         server = self.serve(sse(delta("ok", "stop")), tls=True)
         self.assertEqual(self.client(server, verify=False).chat_stream(HI, Writes()).content, "ok")
@@ -1200,9 +1204,10 @@ class ConfigurationTest(LoopbackCase):
         server = self.serve(answer(message("x")))
         for bad in ("/nonexistent/cat.png", __file__, None):
             with self.subTest(bad=bad):
-                response = self.client(server).chat([llm.Message("user", [llm.image(bad)])])
-                self.assertEqual(response.stop_reason, "error")
-                self.assertIn("image", response.error)
+                for content in ([llm.image(bad)], llm.image(bad)):
+                    response = self.client(server).chat([llm.Message("user", content)])
+                    self.assertEqual(response.stop_reason, "error")
+                    self.assertIn("image", response.error)
         self.assertEqual(server.requests, [])
 
 
@@ -1242,7 +1247,8 @@ class NoExceptionTest(LoopbackCase):
                  dict(timeout=0), dict(timeout=-1), dict(timeout="soon"), dict(timeout=(1,)),
                  dict(timeout=float("nan")), dict(deadline=0), dict(retries=-1), dict(retries=1.5),
                  dict(model=7), dict(system=3), dict(headers="x"), dict(headers={1: "x"}),
-                 dict(headers={"X": 2}), dict(max_bytes="big"), dict(api_key=12)]
+                 dict(headers={"X": 2}), dict(max_bytes="big"), dict(api_key=12),
+                 dict(params="temperature=0"), dict(params=[("a", 1)])]
         for options in cases:
             with self.subTest(options=options):
                 options.setdefault("base_url", server.url)
