@@ -407,7 +407,8 @@ class Client:
                 call.cancel()
 
     def close(self) -> None:
-        """Close the client's idle connections (they reopen when needed)."""
+        """Cancel the calls in flight and close the connections (they reopen when needed)."""
+        self.cancel()
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
