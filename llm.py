@@ -72,6 +72,7 @@ _STOP_REASONS = {
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
                 "OPENAI_API_KEY", "OLLAMA_HOST")
 _DONE = object()  # the payload of ``data: [DONE]``
+_ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
 
 
 # ---------------------------------------------------------------- public types
@@ -349,9 +350,10 @@ class Client:
     def chat_stream(self, messages: "List[Any]", out: "_Writer", **params: "Any") -> Response:
         """Stream the reply: each text delta goes to ``out.write`` as it arrives.
 
-        ``out.flush()`` is called after each write when ``out`` has it. Returns
-        the :class:`Response` with the whole content. When ``out.write`` raises
-        (a reader went away), the call ends with an error response.
+        ``out.flush()`` is called after each write when ``out`` has it, and
+        reasoning deltas go to ``out.write_reasoning(text)`` when it has that.
+        Returns the :class:`Response` with the whole content. When ``out.write``
+        raises (a reader went away), the call ends with an error response.
         """
         write = getattr(out, "write", None)
         if not callable(write):
@@ -359,6 +361,7 @@ class Client:
                             % type(out).__name__)
         flush = getattr(out, "flush", None)
         call = _Call(self, stream=True)
+        call.on_reasoning = getattr(out, "write_reasoning", None)
         pieces = call.run(call.chat(messages, params))
         try:
             for piece in pieces:
@@ -469,7 +472,7 @@ class Client:
         body["messages"] = _checked_messages(messages, self.system)
         body["stream"] = stream
         if stream and self._stream_usage and "stream_options" not in body:
-            body["stream_options"] = {"include_usage": True}
+            body["stream_options"] = _ASK_USAGE
         return {key: value for key, value in body.items() if value is not None}
 
     # ------------------------------------------------------------ connections
@@ -716,9 +719,13 @@ def _checked_messages(messages: "Any", system: str) -> "List[Any]":
 
 def _encode(body: "Dict[str, Any]") -> bytes:
     try:
-        return json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8", "surrogatepass")
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _Failure("the request cannot be sent as JSON: %s" % exc)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates are no UTF-8: send U+FFFD instead
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 # ---------------------------------------------------------------- one call: HTTP, parse, result
@@ -752,6 +759,7 @@ class _Call:
         self.content = []  # type: List[str]
         self.reasoning = []  # type: List[str]
         self.reasoning_field = "reasoning_content"
+        self.on_reasoning = None  # type: Any  # out.write_reasoning, when out has it
         self.builders = []  # type: List[Dict[str, Any]]
         self.finish = None  # type: Any
         self.usage = None  # type: Any
@@ -778,6 +786,9 @@ class _Call:
             self.error = str(failure)
         except Exception as exc:  # the one boundary: a surprise becomes an error response
             self.error = "unexpected failure: " + _describe(exc)
+        except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
+            self.broken = True  # a half-read reply: the connection cannot be reused
+            raise
         finally:
             with client._lock:
                 client._active.discard(self)
@@ -837,7 +848,7 @@ class _Call:
             if 200 <= reply.status < 300:
                 return reply
             message, raw = self._error_of(reply)
-            if (self.stream and body and "stream_options" in body and client._stream_usage
+            if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
                     and reply.status in (400, 422)
                     and ("stream_options" in raw or "include_usage" in raw)):
                 client._stream_usage = False  # this server rejects it: remember, resend once
@@ -1098,8 +1109,10 @@ class _Call:
         if not choices or not isinstance(choices, list):
             return None
         choice = choices[0]
-        if not isinstance(choice, dict):
-            return None
+        if not isinstance(choice, dict) or choice.get("index"):  # n > 1: keep to the first
+            choice = next((c for c in choices if isinstance(c, dict) and not c.get("index")), None)
+            if choice is None:
+                return None
         if choice.get("finish_reason"):
             self.finish = choice["finish_reason"]
         if choice.get("usage"):
@@ -1112,6 +1125,8 @@ class _Call:
             if thought and isinstance(thought, str):
                 self.reasoning.append(thought)
                 self.reasoning_field = field
+                if self.on_reasoning is not None:
+                    self._show_reasoning(thought)
         if delta.get("tool_calls"):
             self._add_tool_calls(delta["tool_calls"], whole=key == "message")
         text = delta.get("content")
@@ -1121,6 +1136,12 @@ class _Call:
             self.content.append(text)
             return text
         return None
+
+    def _show_reasoning(self, thought: str) -> None:
+        try:
+            self.on_reasoning(thought)
+        except Exception as exc:
+            raise _Failure("writing the reasoning failed: " + _describe(exc))
 
     def _add_tool_calls(self, fragments: "Any", whole: bool) -> None:
         """Assemble tool calls: streamed in pieces keyed by index, whole, or unindexed."""
@@ -1384,3 +1405,369 @@ def _where(host: str, port: int) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- the command line
+
+_PROMPT = "> "
+_DIM, _PLAIN = "\033[2m", "\033[0m"
+_EPILOG = """\
+examples:
+  %(prog)s "Why is the sky blue?"
+  cat notes.txt | %(prog)s "Summarise:"
+  %(prog)s --base-url http://localhost:8080 --model qwen2.5 --temperature 0 "Hi"
+  %(prog)s --json "Say hi" > reply.json
+  %(prog)s --models
+  %(prog)s          (no prompt on a terminal: a chat; /reset, /exit, Ctrl-C stops a reply)
+
+environment:
+  LLM_BASE_URL (or OPENAI_BASE_URL, or OLLAMA_HOST), LLM_MODEL, LLM_API_KEY (or
+  OPENAI_API_KEY); with nothing set the server is http://localhost:11434.
+
+exit status: 0 done, 1 failed, 2 bad arguments, 130 interrupted.
+"""
+_CHAT_HELP = "/reset forgets the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply."
+
+
+def _main(argv: "Optional[List[str]]" = None) -> int:
+    """Run the command line (``python llm.py --help``); return the exit status.
+
+    Errors are one line on stderr: no traceback reaches the user, whatever
+    the input. ``argv`` defaults to ``sys.argv[1:]``.
+    """
+    try:
+        return _command(argv)
+    except KeyboardInterrupt:
+        _Console(sys.stderr).end_line()
+        return 130
+    except BrokenPipeError:  # the reader went away (``| head``): nothing left to say
+        _quiet_stdout()
+        return 1
+    except Exception as exc:  # the last boundary
+        try:
+            _complain("unexpected failure: " + _describe(exc))
+        except Exception:  # not even stderr works: the status says it
+            pass
+        return 1
+
+
+def _command(argv: "Optional[List[str]]") -> int:
+    options = _arguments(argv)
+    client = Client(options.base_url, model=options.model, api_key=options.key,
+                    system=options.system and _typed(options.system),
+                    timeout=_DEFAULT_TIMEOUT if options.timeout is None else options.timeout)
+    if client._problem:  # a bad --timeout, or a base URL that is no URL
+        _complain(client._problem)
+        return 2
+    if options.models:
+        return _list_models(client, options.json)
+    params = {"temperature": options.temperature, "max_tokens": options.max_tokens}
+    prompt = _prompt(options.prompt)
+    if prompt is None:
+        return _chat_loop(client, options, params)
+    if not prompt.strip():
+        _complain("no prompt: give one as an argument or pipe it in (see --help)")
+        return 2
+    reply = _interruptible(client, [{"role": "user", "content": prompt}], options, params)
+    return 0 if reply.ok else 130 if reply.stop_reason == "cancelled" else 1
+
+
+def _arguments(argv: "Optional[List[str]]") -> "Any":
+    import argparse
+
+    if _TYPE_CHECKING:
+        from typing import NoReturn
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> "NoReturn":  # one line, not the usage text
+            _complain("%s (see --help)" % message)
+            sys.exit(2)
+
+    parser = Parser(description="Chat with any OpenAI-compatible server: the reply streams"
+                    " to stdout.", epilog=_EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("prompt", nargs="*", help="the prompt; piped input is added after it")
+    add("--base-url", metavar="URL", help="the server: host root, .../v1, or a full"
+        " .../chat/completions URL (default: the environment, else localhost:11434)")
+    add("-m", "--model", help="the model (default: LLM_MODEL; some servers need none)")
+    add("-s", "--system", metavar="TEXT", help="a system prompt")
+    add("--key", metavar="KEY", help="API key (default: LLM_API_KEY or OPENAI_API_KEY,"
+        " which keep it out of the process list)")
+    add("-t", "--temperature", type=float, metavar="T", help="sampling temperature (0: the"
+        " most likely words)")
+    add("--max-tokens", type=int, metavar="N", help="the longest reply, in tokens")
+    add("--timeout", type=float, metavar="SECONDS", help="for connecting and for each"
+        " piece of the reply to arrive (default: 30 to connect, 600 per read)")
+    add("--json", action="store_true", help="print the whole response as JSON: content,"
+        " stop_reason, usage, tool_calls, reasoning")
+    add("--models", action="store_true", help="list the server's models and exit")
+    add("--no-stream", action="store_true", help="ask for the whole reply at once")
+    add("--show-reasoning", action="store_true", help="print the model's reasoning,"
+        " when it sends any, to stderr")
+    add("--version", action="version", version="%(prog)s " + __version__)
+    return parser.parse_args(argv)
+
+
+def _prompt(words: "List[str]") -> "Optional[str]":
+    """The prompt: the words, then what is piped in; None for a chat on a terminal."""
+    text = " ".join(_typed(word) for word in words)
+    if _is_terminal(sys.stdin):
+        return text or None
+    piped = _read_stdin()
+    return "%s\n\n%s" % (text, piped) if text and piped.strip() else text or piped
+
+
+def _typed(text: str) -> str:
+    """Text as typed: a C locale turns UTF-8 into lone surrogates, which are no JSON."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(text).decode("utf-8", "replace")
+        except (UnicodeError, ValueError):
+            return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _read_stdin() -> str:
+    stdin = sys.stdin
+    if stdin is None:
+        return ""
+    binary = getattr(stdin, "buffer", None)
+    if binary is None:
+        return str(stdin.read())
+    text = bytes(binary.read()).decode("utf-8", "replace")  # whatever the locale says
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _list_models(client: Client, as_json: bool) -> int:
+    models = client.models()
+    if models.error:
+        _complain(models.error)
+        return 1
+    out = _Console(sys.stdout)
+    out.write(json.dumps(list(models)) + "\n" if as_json else "".join(m + "\n" for m in models))
+    return 0
+
+
+def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
+    """Talk until /exit or end of input, keeping the conversation.
+
+    A reply stopped with Ctrl-C stays in the history as far as it came, so
+    that the model sees what the user saw; a failed turn is dropped, so that
+    the prompt can simply be sent again.
+    """
+    _line_editing()
+    notes = _Console(sys.stderr)
+    notes.write("llm.py %s: %s at %s. %s\n" % (__version__, client.model or "the default model",
+                                               _where(client._host, client._port), _CHAT_HELP))
+    history = []  # type: List[Dict[str, Any]]
+    while True:
+        try:
+            line = _typed(input(_PROMPT))
+        except EOFError:  # Ctrl-D
+            _Console(sys.stdout).write("\n")
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+            _Console(sys.stdout).write("\n")
+            continue
+        except UnicodeDecodeError as exc:  # the terminal sent bytes its encoding lacks
+            _complain("that line could not be read: %s" % exc.reason)
+            continue
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command in ("/reset", "/clear"):
+            history = []
+            notes.write("(the conversation is forgotten)\n")
+        elif command == "/help":
+            notes.write(_CHAT_HELP + "\n")
+        elif command:
+            history.append({"role": "user", "content": line})
+            reply = _interruptible(client, history, options, params)
+            if reply.ok or (reply.stop_reason == "cancelled" and reply.content):
+                history.append(_without_reasoning(reply.to_message()))
+            else:
+                history.pop()
+
+
+def _without_reasoning(message: "Dict[str, Any]") -> "Dict[str, Any]":
+    """Plain chat history: some servers refuse their own reasoning sent back."""
+    message.pop("reasoning_content", None)
+    message.pop("reasoning", None)
+    return message
+
+
+def _line_editing() -> None:
+    try:
+        import readline  # noqa: F401  (input() edits lines and keeps history once loaded)
+    except ImportError:  # Windows, or a Python built without it
+        pass
+
+
+def _interruptible(client: Client, messages: "List[Any]", options: "Any",
+                   params: "Dict[str, Any]") -> Response:
+    """One reply, shown as ``options`` ask; Ctrl-C cancels it and keeps what came.
+
+    The first Ctrl-C cancels the call from a helper thread (``cancel()`` takes
+    a lock that the interrupted code may hold); a second one interrupts the
+    wait itself.
+    """
+    import signal
+
+    cancelling = []  # type: List[threading.Thread]
+
+    def on_interrupt(signum: int, frame: "Any") -> None:
+        if cancelling:
+            raise KeyboardInterrupt
+        cancelling.append(threading.Thread(target=client.cancel, daemon=True))
+        cancelling[0].start()
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_interrupt)  # type: Any
+    except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+        previous = None
+    try:
+        reply = _reply(client, messages, options, params)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if cancelling:
+            cancelling[0].join(1.0)
+    _report(reply)
+    return reply
+
+
+def _reply(client: Client, messages: "List[Any]", options: "Any",
+           params: "Dict[str, Any]") -> Response:
+    out = _Console(sys.stdout)
+    thoughts = _Console(sys.stderr, _DIM if _colours(sys.stderr) else "") \
+        if options.show_reasoning else None
+    if options.no_stream:
+        try:
+            reply = client.chat(messages, **params)
+        except KeyboardInterrupt:  # the second Ctrl-C: stop waiting
+            reply = Response("", "cancelled")
+    else:
+        shown = _Shown(None if options.json else out, thoughts)
+        try:
+            reply = client.chat_stream(messages, shown, **params)
+        except KeyboardInterrupt:  # the second Ctrl-C: stop waiting
+            reply = Response("", "cancelled")
+    if thoughts is not None:
+        thoughts.write(reply.reasoning[thoughts.written:])
+        thoughts.end_line()
+    if options.json:
+        out.write(json.dumps(_as_json(reply), indent=2, ensure_ascii=not _utf8(sys.stdout)) + "\n")
+    else:
+        if options.no_stream:
+            out.write(reply.content)
+        out.end_line()
+    return reply
+
+
+class _Shown:
+    """Where a streamed reply goes: its text to stdout, its reasoning to stderr."""
+
+    def __init__(self, out: "Optional[_Console]", thoughts: "Optional[_Console]") -> None:
+        self.out, self.thoughts = out, thoughts
+
+    def write(self, text: str) -> None:
+        if self.thoughts is not None:
+            self.thoughts.end_line()
+        if self.out is not None:
+            self.out.write(text)
+
+    def write_reasoning(self, text: str) -> None:
+        if self.thoughts is not None:
+            self.thoughts.write(text)
+
+
+def _as_json(reply: Response) -> "Dict[str, Any]":
+    return {"content": reply.content, "stop_reason": reply.stop_reason, "error": reply.error,
+            "status": reply.status, "model": reply.model, "id": reply.id, "usage": reply.usage,
+            "tool_calls": [call.to_dict() for call in reply.tool_calls],
+            "reasoning": reply.reasoning}
+
+
+def _report(reply: Response) -> None:
+    """Say on stderr why a reply ended early."""
+    if reply.stop_reason == "error":
+        _complain(reply.error)
+    elif reply.stop_reason == "cancelled":
+        _Console(sys.stderr).write("[stopped]\n")
+    elif reply.stop_reason == "length" and _is_terminal(sys.stderr):
+        _Console(sys.stderr).write("[the reply reached its token limit]\n")
+
+
+def _complain(error: str) -> None:
+    hints = (("connection refused", "is the server running?"),
+             ("cannot resolve host", "is the URL right?"),
+             ("HTTP 401", "is the API key right? see --key"))
+    for start, hint in hints:
+        if error.startswith(start):
+            error = "%s (%s)" % (error, hint)
+    console = _Console(sys.stderr)
+    console.end_line()
+    console.write("error: %s\n" % error)
+
+
+class _Console:
+    """Writes to a terminal or pipe at once, never failing on what it cannot encode."""
+
+    _last = {}  # type: Dict[int, str]  # the last character written, per stream
+
+    def __init__(self, stream: "Any", style: str = "") -> None:
+        self.stream, self.style = stream, style
+        self.written = 0  # characters of text written (line ends added by end_line aside)
+
+    def write(self, text: str) -> None:
+        self._put(text)
+        self.written += len(text)
+
+    def end_line(self) -> None:
+        """Finish the line when something was written on it."""
+        if _Console._last.get(id(self.stream), "\n") != "\n":
+            self._put("\n")
+
+    def _put(self, text: str) -> None:
+        if not text or self.stream is None:
+            return
+        shown = self.style + text + _PLAIN if self.style and text != "\n" else text
+        try:
+            self.stream.write(shown)
+        except UnicodeEncodeError:  # a console that cannot show it: show what it can
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            self.stream.write(shown.encode(encoding, "replace").decode(encoding))
+        self.stream.flush()
+        _Console._last[id(self.stream)] = text[-1]
+
+
+def _is_terminal(stream: "Any") -> bool:
+    try:
+        return stream is not None and bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or closed
+        return False
+
+
+def _colours(stream: "Any") -> bool:
+    return (_is_terminal(stream) and os.name != "nt" and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")
+
+
+def _utf8(stream: "Any") -> bool:
+    encoding = getattr(stream, "encoding", None) or ""
+    return encoding.lower().replace("-", "").replace("_", "") == "utf8"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at nothing, so that Python's final flush does not complain."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

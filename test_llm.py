@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -480,6 +481,21 @@ class StreamingTest(LoopbackCase):
         client.chat_stream(HI, Writes())  # remembered for this client
         self.assertNotIn("stream_options", server.requests[2].json())
 
+    def test_stream_options_given_by_the_caller_are_not_dropped(self):
+        rejection = answer({"error": {"message": "stream_options: not permitted"}}, status=400)
+        server = self.serve(rejection, sse(delta("ok", "stop")))
+        response = self.client(server).chat_stream(HI, Writes(), stream_options={"include_usage": True})
+        self.assertEqual((response.error, len(server.requests)), ("HTTP 400: stream_options: not permitted", 1))
+
+    def test_only_the_first_choice_is_kept_when_n_is_more_than_one(self):
+        def choice(index, content, finish=None):
+            return {"choices": [{"index": index, "delta": {"content": content}, "finish_reason": finish}]}
+        response, writes, _ = self.stream(sse(choice(0, "a"), choice(1, "X"), choice(0, "b", "stop"),
+                                              choice(1, "Y", "length"),
+                                              {"choices": [{"index": 1, "delta": {"content": "Z"}},
+                                                           {"index": 0, "delta": {"content": "c"}}]}))
+        self.assertEqual((writes, response.stop_reason), (["a", "b", "c"], "stop"))
+
     def test_other_400_errors_are_not_resent(self):
         server = self.serve(answer({"error": {"message": "bad temperature"}}, status=400))
         response = self.client(server).chat_stream(HI, Writes())
@@ -669,6 +685,30 @@ class ReasoningTest(LoopbackCase):
                                                       delta("answer", "stop")))
                 self.assertEqual((response.reasoning, response.content, writes), ("think more", "answer", ["answer"]))
                 self.assertEqual(response.to_message(), {"role": "assistant", "content": "answer", field: "think more"})
+
+    def test_reasoning_goes_live_to_write_reasoning_when_out_has_it(self):
+        seen = []
+
+        class Both(Writes):
+            def write_reasoning(self, text):
+                seen.append(("reasoning", text))
+
+            def write(self, text):
+                seen.append(("content", text))
+        server = self.serve(sse({"choices": [{"index": 0, "delta": {"reasoning": "hmm "}}]},
+                                {"choices": [{"index": 0, "delta": {"reasoning": "ok"}}]}, delta("yes", "stop")))
+        response = self.client(server).chat_stream(HI, Both())
+        self.assertEqual(seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
+        self.assertEqual(response.reasoning, "hmm ok")
+
+    def test_a_failing_reasoning_writer_ends_the_call(self):
+        class Failing(Writes):
+            def write_reasoning(self, text):
+                raise OSError("closed")
+        server = self.serve(sse({"choices": [{"index": 0, "delta": {"reasoning": "hmm"}}]}, delta("yes", "stop")))
+        response = self.client(server).chat_stream(HI, Failing())
+        self.assertEqual((response.stop_reason, response.error, response.reasoning),
+                         ("error", "writing the reasoning failed: OSError: closed", "hmm"))
 
     def test_reasoning_in_a_whole_reply(self):
         server = self.serve(answer(message("4", reasoning_content="2+2")))
@@ -1282,6 +1322,22 @@ class NoExceptionTest(LoopbackCase):
         with self.assertRaises(KeyboardInterrupt):
             client.chat_stream(HI, Interrupting())
         self.assertEqual(client.chat_stream(HI, Writes()).content, "ab")  # the client still works
+
+    @unittest.skipUnless(hasattr(signal, "SIGINT") and os.name == "posix", "POSIX signals")
+    def test_a_call_interrupted_while_waiting_leaves_a_usable_client(self):
+        server = self.serve([HANG], answer(message("after")))
+        client = self.client(server)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with self.assertRaises(KeyboardInterrupt):
+            client.chat(HI)  # blocked reading the answer when Ctrl-C comes
+        timer.join()
+        self.assertEqual(client.chat(HI).content, "after")  # not the half-used connection
+
+    def test_lone_surrogates_are_sent_as_replacement_characters(self):
+        server = self.serve(answer(message("x")))
+        self.client(server).chat([{"role": "user", "content": "a\udce9b \U0001F600"}])
+        self.assertEqual(server.requests[0].json()["messages"][0]["content"], "a\ufffdb \U0001F600")
 
     def test_the_key_never_appears_in_repr_or_errors(self):
         client = llm.Client("http://127.0.0.1:%d" % free_port(), api_key=KEY)

@@ -1,0 +1,490 @@
+"""Tests for llm.py's command line: run with ``python -m unittest test_cli``.
+
+Each test runs ``python llm.py ...`` as a subprocess against a loopback server
+from test_llm (exact bytes, in steps). The chat loop is driven through a
+pseudo-terminal where the platform has one. Every wait is bounded.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+from test_llm import (END, HANG, KEY, RESET, Server, answer, chunk, delta, free_port, head,
+                      message, sse)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLM = os.path.join(HERE, "llm.py")
+WAIT = 20  # seconds: the longest any one command may take
+try:
+    import pty
+except ImportError:  # Windows
+    pty = None
+
+
+def environment(**values):
+    """The test's environment: none of the caller's LLM settings, UTF-8 output."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("LLM_", "OPENAI_", "OLLAMA_"))}
+    env.update(PYTHONIOENCODING="utf-8", NO_COLOR="", TERM="dumb")
+    env.update(values)
+    return env
+
+
+class Result:
+    def __init__(self, status, out, err):
+        self.status, self.out, self.err = status, out.decode("utf-8"), err.decode("utf-8")
+
+
+class CommandLineCase(unittest.TestCase):
+    def serve(self, *answers):
+        server = Server(*answers)
+        self.addCleanup(server.close)
+        return server
+
+    def run_cli(self, *args, **options):
+        """Run llm.py with args; ``stdin`` bytes are piped in (default: nothing)."""
+        server = options.pop("server", None)
+        command = [sys.executable, LLM] + (["--base-url", server.url] if server else []) + list(args)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=environment(**options.pop("env", {})))
+        try:
+            out, err = process.communicate(options.pop("stdin", b""), timeout=WAIT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(WAIT)
+        result = Result(process.returncode, out, err)
+        self.assertNotIn("Traceback", result.err)
+        return result
+
+    def start(self, *args, **options):
+        """Start llm.py with its output on pipes; the test reads it as it comes."""
+        process = subprocess.Popen([sys.executable, LLM] + list(args), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=environment(**options.get("env", {})))
+        self.addCleanup(self.stop, process)
+        return process
+
+    def stop(self, process):
+        if process.poll() is None:
+            process.kill()
+        process.wait(WAIT)
+        process.stdout.close()
+        process.stderr.close()
+
+    def finish(self, process):
+        out, err = process.communicate(timeout=WAIT)
+        self.assertNotIn(b"Traceback", err)
+        return Result(process.returncode, out, err)
+
+
+def read_until(stream, text, timeout=WAIT):
+    """Read a pipe until ``text`` (bytes) has come; return all that came."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([stream], [], [], left)[0]:
+            raise AssertionError("%r did not come; got %r" % (text, seen))
+        data = os.read(stream.fileno(), 4096)
+        if not data:
+            raise AssertionError("the output ended before %r; got %r" % (text, seen))
+        seen += data
+    return seen
+
+
+# ---------------------------------------------------------------- one prompt
+
+
+class OnePromptTest(CommandLineCase):
+    def test_streams_the_reply_to_stdout_and_ends_with_a_newline(self):
+        server = self.serve(sse(delta("Rayleigh "), delta("scattering."), delta(finish="stop")))
+        result = self.run_cli("Why is the sky blue?", server=server)
+        self.assertEqual((result.status, result.out, result.err), (0, "Rayleigh scattering.\n", ""))
+        body = server.requests[0].json()
+        self.assertEqual(body["messages"], [{"role": "user", "content": "Why is the sky blue?"}])
+        self.assertIs(body["stream"], True)
+
+    def test_words_of_the_prompt_are_joined(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        self.run_cli("Why", "is", "the", "sky", "blue?", server=server)
+        self.assertEqual(server.requests[0].json()["messages"][0]["content"], "Why is the sky blue?")
+
+    def test_each_piece_is_shown_before_the_server_sends_the_next(self):
+        shown = threading.Event()
+        waited = []
+        server = self.serve(sse(delta("one "), lambda: waited.append(shown.wait(WAIT)),
+                                delta("two "), 0.05, delta("three", "stop")))
+        process = self.start("--base-url", server.url, "count")
+        self.assertEqual(read_until(process.stdout, b"one "), b"one ")
+        shown.set()
+        result = self.finish(process)
+        self.assertEqual(waited, [True])  # "two" was held back until "one" was on stdout
+        self.assertEqual((result.status, result.out), (0, "two three\n"))
+
+    def test_piped_input_follows_the_prompt(self):
+        server = self.serve(sse(delta("A summary.", "stop")))
+        notes = "Line one.\nLine two, caf\u00e9.\n".encode("utf-8")
+        result = self.run_cli("Summarise:", server=server, stdin=notes)
+        self.assertEqual((result.status, result.out), (0, "A summary.\n"))
+        self.assertEqual(server.requests[0].json()["messages"][0]["content"],
+                         "Summarise:\n\nLine one.\nLine two, caf\u00e9.\n")
+
+    def test_piped_input_alone_is_the_prompt(self):
+        server = self.serve(sse(delta("4", "stop")))
+        result = self.run_cli(server=server, stdin=b"\xef\xbb\xbfWhat is 2+2?")
+        self.assertEqual(result.out, "4\n")
+        self.assertEqual(server.requests[0].json()["messages"][0]["content"], "What is 2+2?")
+
+    def test_options_reach_the_request(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.run_cli("--model", "llama3.2", "--system", "Be brief.", "--temperature", "0.2",
+                              "--max-tokens", "50", "--key", KEY, "Hi", server=server)
+        self.assertEqual(result.status, 0)
+        request = server.requests[0]
+        body = request.json()
+        self.assertEqual((body["model"], body["temperature"], body["max_tokens"]), ("llama3.2", 0.2, 50))
+        self.assertEqual(body["messages"][0], {"role": "system", "content": "Be brief."})
+        self.assertEqual(request.headers["authorization"], "Bearer " + KEY)
+
+    def test_unset_options_are_left_out_and_the_environment_is_read(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.run_cli("Hi", env={"LLM_BASE_URL": server.url, "LLM_MODEL": "from-env",
+                                         "LLM_API_KEY": KEY})
+        self.assertEqual((result.status, result.out), (0, "ok\n"))
+        request = server.requests[0]
+        self.assertEqual(request.json()["model"], "from-env")
+        self.assertNotIn("temperature", request.json())
+        self.assertEqual(request.headers["authorization"], "Bearer " + KEY)
+
+    def test_no_stream_asks_for_the_whole_reply(self):
+        server = self.serve(answer(message("All at once.")))
+        result = self.run_cli("--no-stream", "Hi", server=server)
+        self.assertEqual((result.status, result.out, result.err), (0, "All at once.\n", ""))
+        self.assertIs(server.requests[0].json()["stream"], False)
+
+    def test_show_reasoning_writes_it_to_stderr_before_the_answer(self):
+        thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "Two and two "}}]}
+        more = {"choices": [{"index": 0, "delta": {"reasoning_content": "make four."}}]}
+        server = self.serve(sse(thinking, more, delta("4", "stop")),
+                            answer(message("4", reasoning_content="2+2")))
+        result = self.run_cli("--show-reasoning", "2+2?", server=server)
+        self.assertEqual((result.status, result.out, result.err), (0, "4\n", "Two and two make four.\n"))
+        result = self.run_cli("--show-reasoning", "--no-stream", "2+2?", server=server)
+        self.assertEqual((result.out, result.err), ("4\n", "2+2\n"))
+
+    def test_reasoning_is_not_shown_unless_asked(self):
+        thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
+        server = self.serve(sse(thinking, delta("4", "stop")))
+        result = self.run_cli("2+2?", server=server)
+        self.assertEqual((result.out, result.err), ("4\n", ""))
+
+    @unittest.skipIf(os.name == "nt", "POSIX arguments are bytes")
+    def test_arguments_that_are_not_utf8_are_sent_as_valid_text(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        process = subprocess.Popen([sys.executable, LLM, "--base-url", server.url, b"caf\xc3\xa9 \xff"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=environment(LC_ALL="C"))
+        out, err = process.communicate(timeout=WAIT)
+        self.assertEqual((process.returncode, out, err), (0, b"ok\n", b""))
+        self.assertEqual(server.requests[0].json()["messages"][0]["content"], "caf\u00e9 \ufffd")
+
+    def test_text_the_output_cannot_encode_does_not_fail(self):
+        server = self.serve(sse(delta("caf\u00e9 \U0001F600", "stop")))
+        result = self.run_cli("Hi", server=server, env={"PYTHONIOENCODING": "ascii"})
+        self.assertEqual((result.status, result.out), (0, "caf? ?\n"))
+
+    def test_a_closed_stdout_ends_quietly(self):
+        server = self.serve(sse(delta("first "), 0.3, *[delta("more ") for _ in range(50)]))
+        process = self.start("--base-url", server.url, "Hi")
+        read_until(process.stdout, b"first")
+        process.stdout.close()  # as `| head -c 5` does
+        self.assertEqual(process.wait(WAIT), 1)
+        self.assertEqual(process.stderr.read(), b"")
+
+
+class JSONTest(CommandLineCase):
+    def test_json_prints_the_whole_response(self):
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "short"}}]}
+        server = self.serve(sse(thinking, delta("Hi "), delta("there", "stop"),
+                                {"choices": [], "usage": usage}))
+        result = self.run_cli("--json", "Hi", server=server)
+        self.assertEqual((result.status, result.err), (0, ""))
+        reply = json.loads(result.out)
+        self.assertEqual(reply, {"content": "Hi there", "stop_reason": "stop", "error": "",
+                                 "status": 200, "model": "m", "id": "chatcmpl-1", "usage": usage,
+                                 "tool_calls": [], "reasoning": "short"})
+
+    def test_json_has_tool_calls_in_the_wire_shape(self):
+        call = {"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "now", "arguments": "{}"}}
+        server = self.serve(sse(delta(tool_calls=[call]), delta(finish="tool_calls")))
+        reply = json.loads(self.run_cli("--json", "What time is it?", server=server).out)
+        self.assertEqual(reply["stop_reason"], "tool_calls")
+        self.assertEqual(reply["tool_calls"], [{"id": "call_1", "type": "function",
+                                                "function": {"name": "now", "arguments": "{}"}}])
+
+    def test_json_of_a_failed_call_has_the_error_and_the_status_is_1(self):
+        server = self.serve(answer({"error": {"message": "model \"x\" not found"}}, 404))
+        result = self.run_cli("--json", "--no-stream", "Hi", server=server)
+        self.assertEqual(result.status, 1)
+        reply = json.loads(result.out)
+        self.assertEqual((reply["stop_reason"], reply["error"], reply["status"]),
+                         ("error", 'HTTP 404: model "x" not found', 404))
+        self.assertEqual(result.err, 'error: HTTP 404: model "x" not found\n')
+
+    def test_json_keeps_non_ascii_readable(self):
+        server = self.serve(sse(delta("caf\u00e9", "stop")))
+        result = self.run_cli("--json", "Hi", server=server)
+        self.assertIn('"content": "caf\u00e9"', result.out)
+
+
+class ModelsTest(CommandLineCase):
+    def test_lists_the_models_one_per_line(self):
+        server = self.serve(answer({"object": "list", "data": [{"id": "llama3.2"}, {"id": "qwen2.5"}]}))
+        result = self.run_cli("--models", server=server)
+        self.assertEqual((result.status, result.out, result.err), (0, "llama3.2\nqwen2.5\n", ""))
+        self.assertEqual((server.requests[0].method, server.requests[0].path), ("GET", "/v1/models"))
+
+    def test_lists_the_models_as_json(self):
+        server = self.serve(answer({"models": [{"name": "mistral:7b"}]}))
+        result = self.run_cli("--models", "--json", server=server)
+        self.assertEqual(json.loads(result.out), ["mistral:7b"])
+
+    def test_a_failed_listing_is_one_error_line(self):
+        server = self.serve(answer({"error": "not here"}, 404))
+        result = self.run_cli("--models", server=server)
+        self.assertEqual((result.status, result.out, result.err), (1, "", "error: HTTP 404: not here\n"))
+
+
+# ---------------------------------------------------------------- errors and exit status
+
+
+class ErrorTest(CommandLineCase):
+    def test_connection_refused_is_one_line_and_status_1(self):
+        port = free_port()
+        result = self.run_cli("--base-url", "http://127.0.0.1:%d" % port, "Hi")
+        self.assertEqual((result.status, result.out), (1, ""))
+        self.assertEqual(result.err, "error: connection refused: 127.0.0.1:%d"
+                                     " (is the server running?)\n" % port)
+
+    def test_http_error_is_the_servers_message(self):
+        server = self.serve(answer({"error": {"message": "model \"nope\" not found"}}, 404))
+        result = self.run_cli("--model", "nope", "Hi", server=server)
+        self.assertEqual((result.status, result.out), (1, ""))
+        self.assertEqual(result.err, 'error: HTTP 404: model "nope" not found\n')
+
+    def test_the_key_is_never_shown(self):
+        server = self.serve(answer({"error": "invalid key " + KEY}, 401))
+        result = self.run_cli("--key", KEY, "Hi", server=server)
+        self.assertEqual(result.status, 1)
+        self.assertNotIn(KEY, result.out + result.err)
+        self.assertEqual(result.err, "error: HTTP 401: invalid key *** (is the API key right? see --key)\n")
+
+    def test_an_error_mid_stream_keeps_the_text_that_came(self):
+        server = self.serve(sse(delta("Partial "), delta("answer"), RESET, done=False))
+        result = self.run_cli("Hi", server=server)
+        self.assertEqual((result.status, result.out), (1, "Partial answer\n"))
+        self.assertEqual(result.err.count("\n"), 1)
+        self.assertTrue(result.err.startswith("error: connection reset by 127.0.0.1:"), result.err)
+
+    def test_a_stream_cut_short_is_an_error(self):
+        server = self.serve([head(), chunk(b'data: {"choices": [{"delta": {"content": "Hal"}}]}\n\n'), END])
+        result = self.run_cli("Hi", server=server)
+        self.assertEqual((result.status, result.out, result.err),
+                         (1, "Hal\n", "error: stream ended before [DONE]\n"))
+
+    def test_a_timeout_is_reported(self):
+        server = self.serve(sse(delta("slow"), HANG))
+        result = self.run_cli("--timeout", "0.3", "Hi", server=server)
+        self.assertEqual((result.status, result.out), (1, "slow\n"))
+        self.assertEqual(result.err, "error: timed out after 0.3s waiting for data\n")
+
+    def test_bad_arguments_are_one_line_and_status_2(self):
+        for args, error in ((["--temperature", "hot", "Hi"], "argument -t/--temperature: invalid float value: 'hot'"),
+                            (["--timeout", "-1", "Hi"], "timeout must be a positive number of seconds, got -1.0"),
+                            (["--base-url", "ftp://example.com", "Hi"], "base_url must be an http:// or https:// URL"),
+                            (["--bogus"], "unrecognized arguments: --bogus")):
+            with self.subTest(args=args):
+                result = self.run_cli(*args)
+                self.assertEqual((result.status, result.out), (2, ""))
+                self.assertTrue(result.err.startswith("error: " + error), result.err)
+                self.assertEqual(result.err.count("\n"), 1)
+
+    def test_no_prompt_at_all_is_a_usage_error(self):
+        result = self.run_cli(stdin=b"  \n")
+        self.assertEqual((result.status, result.out), (2, ""))
+        self.assertTrue(result.err.startswith("error: no prompt"), result.err)
+
+    def test_version_and_help(self):
+        result = self.run_cli("--version")
+        self.assertEqual((result.status, result.out.strip()), (0, "llm.py " + self.version()))
+        result = self.run_cli("--help")
+        self.assertEqual(result.status, 0)
+        for text in ("--base-url", "--models", "--show-reasoning", "examples:", "LLM_BASE_URL",
+                     'cat notes.txt | llm.py "Summarise:"'):
+            self.assertIn(text, result.out)
+
+    def version(self):
+        with open(LLM) as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    return line.split('"')[1]
+
+    @unittest.skipIf(os.name == "nt", "POSIX signals")
+    def test_ctrl_c_stops_the_reply_keeps_its_text_and_exits_130(self):
+        server = self.serve(sse(delta("The beginning"), HANG))
+        process = self.start("--base-url", server.url, "Tell me a long story")
+        read_until(process.stdout, b"The beginning")
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        result = self.finish(process)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((result.status, result.out, result.err), (130, "\n", "[stopped]\n"))
+
+
+# ---------------------------------------------------------------- the chat loop
+
+
+class Terminal:
+    """llm.py on a pseudo-terminal: type lines, wait for text."""
+
+    def __init__(self, args, env=None):
+        master, slave = pty.openpty()
+        self.master = master
+        self.process = subprocess.Popen([sys.executable, LLM] + args, stdin=slave, stdout=slave,
+                                        stderr=slave, env=environment(**(env or {})),
+                                        start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+        self.position = 0  # what expect() has already matched
+
+    def type(self, text):
+        os.write(self.master, text.encode("utf-8"))
+
+    def expect(self, text, timeout=WAIT):
+        """Wait for ``text`` after what was last expected; return what came up to it."""
+        wanted = text.encode("utf-8")
+        deadline = time.monotonic() + timeout
+        while self.seen.find(wanted, self.position) < 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.master], [], [], left)[0]:
+                raise AssertionError("%r did not come; got %r" % (text, self.seen[self.position:]))
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: the other side closed
+                data = b""
+            if not data:
+                raise AssertionError("the terminal closed before %r; got %r" % (text, self.seen))
+            self.seen += data.replace(b"\r\n", b"\n")
+        end = self.seen.find(wanted, self.position) + len(wanted)
+        came, self.position = self.seen[self.position:end], end
+        return came.decode("utf-8", "replace")
+
+    def wait(self):
+        deadline = time.monotonic() + WAIT
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096).replace(b"\r\n", b"\n")
+                except OSError:
+                    pass
+        return self.process.poll()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(WAIT)
+        os.close(self.master)
+
+
+@unittest.skipIf(pty is None or os.name == "nt", "needs a pseudo-terminal")
+class ChatLoopTest(CommandLineCase):
+    def terminal(self, *args, **options):
+        terminal = Terminal(list(args), **options)
+        self.addCleanup(terminal.close)
+        return terminal
+
+    def test_a_conversation_keeps_history_until_reset_and_exit(self):
+        server = self.serve(sse(delta("Hello, "), 0.05, delta("Ada!", "stop")),
+                            sse(delta("You are Ada.", "stop")),
+                            sse(delta("I do not know.", "stop")))
+        terminal = self.terminal("--base-url", server.url, "--model", "m")
+        banner = terminal.expect("> ")
+        self.assertIn("/reset", banner)
+        terminal.type("I am Ada\n")
+        self.assertIn("Hello, Ada!\n", terminal.expect("> "))
+        terminal.type("Who am I?\n")
+        self.assertIn("You are Ada.\n", terminal.expect("> "))
+        self.assertEqual(server.requests[1].json()["messages"], [
+            {"role": "user", "content": "I am Ada"},
+            {"role": "assistant", "content": "Hello, Ada!"},
+            {"role": "user", "content": "Who am I?"}])
+        terminal.type("/reset\n")
+        self.assertIn("forgotten", terminal.expect("> "))
+        terminal.type("Who am I?\n")
+        self.assertIn("I do not know.", terminal.expect("> "))
+        self.assertEqual(server.requests[2].json()["messages"], [{"role": "user", "content": "Who am I?"}])
+        terminal.type("/exit\n")
+        self.assertEqual(terminal.wait(), 0)
+        self.assertNotIn(b"Traceback", terminal.seen)
+
+    def test_ctrl_c_stops_a_reply_and_the_loop_goes_on(self):
+        server = self.serve(sse(delta("Once upon a time"), HANG),
+                            sse(delta("The end.", "stop")))
+        terminal = self.terminal("--base-url", server.url)
+        terminal.expect("> ")
+        terminal.type("Tell me a story\n")
+        terminal.expect("Once upon a time")
+        terminal.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        self.assertIn("[stopped]", terminal.expect("> ", timeout=5))
+        terminal.type("Finish it\n")
+        self.assertIn("The end.", terminal.expect("> "))
+        self.assertEqual(server.requests[1].json()["messages"], [  # the partial reply stays
+            {"role": "user", "content": "Tell me a story"},
+            {"role": "assistant", "content": "Once upon a time"},
+            {"role": "user", "content": "Finish it"}])
+        terminal.type("\x04")  # Ctrl-D
+        self.assertEqual(terminal.wait(), 0)
+
+    def test_a_failed_turn_is_reported_and_dropped_from_history(self):
+        server = self.serve(answer({"error": "overloaded"}, 503), sse(delta("Fine.", "stop")))
+        terminal = self.terminal("--base-url", server.url)
+        terminal.expect("> ")
+        terminal.type("Hi\n")
+        self.assertIn("error: HTTP 503: overloaded", terminal.expect("> "))
+        terminal.type("Hi again\n")
+        self.assertIn("Fine.", terminal.expect("> "))
+        self.assertEqual(server.requests[1].json()["messages"], [{"role": "user", "content": "Hi again"}])
+        terminal.type("/exit\n")
+        self.assertEqual(terminal.wait(), 0)
+
+    def test_ctrl_c_at_the_prompt_gives_a_new_prompt(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        terminal = self.terminal("--base-url", server.url)
+        terminal.expect("> ")
+        time.sleep(0.3)  # a signal just before readline waits for a key is seen at the next key
+        terminal.process.send_signal(signal.SIGINT)
+        terminal.expect("> ", timeout=5)
+        terminal.type("/exit\n")
+        self.assertEqual(terminal.wait(), 0)
+        self.assertEqual(server.requests, [])
+
+    def test_reasoning_is_dimmed_on_a_terminal(self):
+        thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "thinking"}}]}
+        server = self.serve(sse(thinking, delta("42", "stop")))
+        terminal = self.terminal("--base-url", server.url, "--show-reasoning", "The answer?",
+                                 env={"TERM": "xterm"})
+        terminal.expect("\033[2mthinking\033[0m\n42\n")
+        self.assertEqual(terminal.wait(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
