@@ -1,0 +1,215 @@
+"""A small web chat: the page streams the reply as server-sent events.
+
+Usage:
+    python relay.py                          # then open http://127.0.0.1:8000
+    python relay.py --port 8080 --model llama3.2 --base-url http://localhost:11434
+    python relay.py --host 0.0.0.0           # reachable from other machines
+
+``GET /`` is the page. The page posts the conversation to ``POST /chat`` as
+``{"messages": [...]}``, and the server relays ``client.chat_stream`` to it
+through ``llm.SSEWriter``: one ``data: {"content": "..."}`` event per piece,
+``data: {"error": "..."}`` when the call fails, then ``data: [DONE]``. The page
+reads the stream with ``fetch`` and shows the reply as it grows. Each request
+has its own thread; the one client is shared (it is thread-safe). A page
+closed in the middle of a reply ends that call when the next piece cannot be
+written; the server goes on serving the others. The server is --base-url
+and --model, or LLM_BASE_URL and LLM_MODEL (an API key: LLM_API_KEY or
+OPENAI_API_KEY). Standard library only.
+"""
+
+import argparse
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+try:
+    from http.server import ThreadingHTTPServer
+except ImportError:  # Python 3.6
+    from socketserver import ThreadingMixIn
+
+    class ThreadingHTTPServer(ThreadingMixIn, HTTPServer):
+        daemon_threads = True
+
+try:
+    import llm
+except ImportError:  # run from a checkout: llm.py is one directory up
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    import llm
+
+MAX_BODY = 1024 * 1024  # bytes of conversation a page may post
+ROLES = ("system", "user", "assistant")
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>llm.py relay</title>
+<style>
+  body { font: 16px/1.5 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto;
+         padding: 0 1rem; }
+  #log p { white-space: pre-wrap; margin: .5rem 0; padding: .5rem .75rem; border-radius: .5rem; }
+  .user { background: #e8f0fe; }
+  .assistant { background: #f1f3f4; }
+  .error { background: #fce8e6; }
+  form { display: flex; gap: .5rem; margin-top: 1rem; }
+  #prompt { flex: 1; font: inherit; padding: .5rem; }
+</style>
+</head>
+<body>
+<h1>Chat</h1>
+<div id="log"></div>
+<form id="form">
+  <input id="prompt" autocomplete="off" placeholder="Ask something" autofocus>
+  <button id="send">Send</button>
+  <button id="stop" type="button" disabled>Stop</button>
+</form>
+<script>
+"use strict";
+const log = document.getElementById("log"), form = document.getElementById("form");
+const input = document.getElementById("prompt"), sendButton = document.getElementById("send");
+const stopButton = document.getElementById("stop");
+const conversation = [];
+let controller = null;
+
+function say(role, text) {
+  const p = document.createElement("p");
+  p.className = role;
+  p.textContent = text;
+  log.appendChild(p);
+  return p;
+}
+
+// Calls onEvent with each event's parsed data; the stream ends at [DONE].
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const frame = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = frame.split("\\n").filter(l => l.startsWith("data:"))
+                        .map(l => l.slice(5).replace(/^ /, "")).join("\\n");
+      if (data === "[DONE]") return;
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  if (!text || controller) return;
+  input.value = "";
+  say("user", text);
+  conversation.push({role: "user", content: text});
+  const reply = say("assistant", "");
+  let content = "", failed = "";
+  controller = new AbortController();
+  sendButton.disabled = true;
+  stopButton.disabled = false;
+  try {
+    const response = await fetch("/chat", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({messages: conversation}), signal: controller.signal});
+    if (!response.ok) throw new Error("HTTP " + response.status + ": " + await response.text());
+    await readEvents(response, (data) => {
+      if (data.content) { content += data.content; reply.textContent = content; }
+      if (data.error) failed = data.error;
+    });
+  } catch (error) {
+    if (error.name !== "AbortError") failed = String(error.message || error);
+  }
+  if (failed) say("error", failed);
+  if (content) conversation.push({role: "assistant", content: content});
+  else conversation.pop();  // nothing came: the question can be asked again
+  controller = null;
+  sendButton.disabled = false;
+  stopButton.disabled = true;
+  input.focus();
+});
+
+stopButton.addEventListener("click", () => controller && controller.abort());
+</script>
+</body>
+</html>
+"""
+
+
+class Relay(BaseHTTPRequestHandler):
+    client = None  # the llm.Client, set by main()
+    server_version = "relay.py"
+
+    def do_GET(self):
+        if self.path.split("?")[0] != "/":
+            return self.send_error(404)
+        body = PAGE.encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        if self.path != "/chat":
+            return self.send_error(404)
+        messages = self.read_messages()
+        if messages is None:
+            return self.send_error(400, 'expected {"messages": [{"role": ..., "content": ...}]}')
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")  # tell nginx, if it is in front, not to buffer
+        self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+        reply = self.client.chat_stream(messages, llm.SSEWriter(self.wfile))
+        if not reply.ok:
+            self.log_message("reply ended: %s", reply.error)
+
+    def read_messages(self):
+        """The posted conversation, checked; None when it is not one."""
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            if not 0 < length <= MAX_BODY:
+                return None
+            messages = json.loads(self.rfile.read(length).decode("utf-8")).get("messages")
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(messages, list) or not messages:
+            return None
+        for message in messages:
+            if (not isinstance(message, dict) or message.get("role") not in ROLES
+                    or not isinstance(message.get("content"), str)):
+                return None
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def main():
+    parser = argparse.ArgumentParser(description="A web page that streams replies.")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on")
+    parser.add_argument("--port", type=int, default=8000, help="the port (0: any free one)")
+    parser.add_argument("--base-url", help="the LLM server (default: LLM_BASE_URL)")
+    parser.add_argument("--model", help="the model (default: LLM_MODEL)")
+    parser.add_argument("--system", help="a system prompt")
+    options = parser.parse_args()
+    Relay.client = llm.Client(options.base_url, model=options.model, system=options.system)
+    server = ThreadingHTTPServer((options.host, options.port), Relay)
+    server.daemon_threads = True
+    host, port = server.server_address[:2]
+    print("serving http://%s:%d/ (relaying to %s)" % (host, port, Relay.client.base_url),
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

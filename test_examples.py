@@ -1,0 +1,466 @@
+"""Tests for the programs in examples/: run with ``python -m unittest test_examples``.
+
+Each example runs as a subprocess against loopback servers from test_llm
+(exact bytes, in steps); relay.py is started on a free port and spoken to
+with http.client. Every wait is bounded.
+"""
+
+import http.client
+import importlib.util
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+from test_llm import HANG, Server, answer, delta, free_port, message, sse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "examples")
+WAIT = 20  # seconds: the longest any one program may take
+
+
+def environment(**values):
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("LLM_", "OPENAI_", "OLLAMA_"))}
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.update(values)
+    return env
+
+
+class Result:
+    def __init__(self, status, out, err):
+        self.status, self.out, self.err = status, out.decode("utf-8"), err.decode("utf-8")
+
+
+def tool_call(name, arguments, call_id):
+    return {"index": 0, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+class ExampleCase(unittest.TestCase):
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
+
+    def serve(self, *answers):
+        server = Server(*answers)
+        self.addCleanup(server.close)
+        return server
+
+    def run_example(self, name, *args, **options):
+        command = [sys.executable, os.path.join(EXAMPLES, name)] + list(args)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, cwd=self.directory,
+                                   env=environment(**options.get("env", {})))
+        try:
+            out, err = process.communicate(options.get("stdin", b""), timeout=WAIT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(WAIT)
+        result = Result(process.returncode, out, err)
+        self.assertNotIn("Traceback", result.err)
+        return result
+
+
+# ---------------------------------------------------------------- chatbot.py
+
+
+class ChatbotTest(ExampleCase):
+    def chat(self, server, lines, *args):
+        return self.run_example("chatbot.py", "--base-url", server.url, "--db", "chat.db",
+                                *args, stdin=lines.encode("utf-8"))
+
+    def test_the_history_is_kept_in_sqlite_and_resumed_in_the_next_run(self):
+        server = self.serve(sse(delta("Hello, Ada.", "stop")), sse(delta("You are Ada.", "stop")),
+                            sse(delta("Still Ada.", "stop")))
+        result = self.chat(server, "I am Ada\nWho am I?\n")
+        self.assertEqual((result.status, result.out), (0, "bot> Hello, Ada.\nbot> You are Ada.\n"))
+        self.assertEqual(len(server.requests[1].json()["messages"]), 3)
+        result = self.chat(server, "And now?\n")
+        self.assertIn("resuming 'default': 4 messages", result.err)
+        self.assertEqual(server.requests[2].json()["messages"], [
+            {"role": "user", "content": "I am Ada"},
+            {"role": "assistant", "content": "Hello, Ada."},
+            {"role": "user", "content": "Who am I?"},
+            {"role": "assistant", "content": "You are Ada."},
+            {"role": "user", "content": "And now?"}])
+
+    def test_each_id_is_its_own_conversation_and_can_be_listed_and_forgotten(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        self.chat(server, "one\n", "--id", "first")
+        self.chat(server, "two\nthree\n", "--id", "second")
+        self.chat(server, "four\n", "--id", "first")
+        self.assertEqual([m["content"] for m in server.requests[3].json()["messages"]],
+                         ["one", "ok", "four"])
+        listing = self.chat(server, "", "--list").out.splitlines()
+        self.assertEqual([line.split()[:2] for line in listing], [["first", "4"], ["second", "4"]])
+        self.chat(server, "", "--id", "first", "--forget")
+        self.assertEqual([line.split()[0] for line in self.chat(server, "", "--list").out.splitlines()],
+                         ["second"])
+
+    def test_a_failed_turn_is_not_stored(self):
+        server = self.serve(answer({"error": "busy"}, 503), sse(delta("fine", "stop")))
+        result = self.chat(server, "first try\nsecond try\n")
+        self.assertIn("error: HTTP 503: busy", result.err)
+        self.assertEqual(server.requests[1].json()["messages"], [{"role": "user", "content": "second try"}])
+        self.chat(server, "third\n")
+        self.assertEqual([m["content"] for m in server.requests[2].json()["messages"]],
+                         ["second try", "fine", "third"])
+
+    def test_exit_command_and_system_prompt(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.chat(server, "hi\n/exit\nnever sent\n", "--system", "Be terse.")
+        self.assertEqual(result.status, 0)
+        self.assertEqual(len(server.requests), 1)
+        self.assertEqual(server.requests[0].json()["messages"][0], {"role": "system", "content": "Be terse."})
+
+
+# ---------------------------------------------------------------- compare.py
+
+
+class CompareTest(ExampleCase):
+    def test_backends_answer_in_parallel_side_by_side_and_a_dead_one_shows_its_error(self):
+        arrived = [threading.Event(), threading.Event()]
+        waited = []
+
+        def meet(mine, other):  # each server holds its answer until the other was asked too
+            return lambda: (arrived[mine].set(), waited.append(arrived[other].wait(5)))
+
+        usage = {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+        first = self.serve(sse(meet(0, 1), delta("Rayleigh scattering."), delta(finish="stop"),
+                               {"choices": [], "usage": usage}))
+        second = self.serve(sse(meet(1, 0), delta("Blue light scatters most.", "stop")))
+        dead = "http://127.0.0.1:%d" % free_port()
+        result = self.run_example("compare.py", "Why is the sky blue?", "--width", "120",
+                                  "-b", first.url, "llama3.2", "-b", dead, "qwen2.5",
+                                  "-b", second.url, "mistral")
+        self.assertEqual(result.status, 0)
+        self.assertEqual(waited, [True, True])
+        lines = result.out.splitlines()
+        self.assertTrue(lines[0].startswith("llama3.2 @ http://127.0.0.1:"), lines[0])
+        self.assertEqual(lines[0].count(" | "), 2)
+        table = result.out.replace(" | ", "\n")
+        for text in ("Rayleigh scattering.", "Blue light scatters most.", "error: connection refused:",
+                     "12 tokens", "first token"):
+            self.assertIn(text, table)
+        self.assertEqual(first.requests[0].json()["model"], "llama3.2")
+        self.assertEqual(second.requests[0].json()["model"], "mistral")
+        self.assertIn("qwen2.5 @ %s: failed" % dead, result.err)
+
+    def test_keys_come_from_the_named_variable_and_all_failing_is_status_1(self):
+        server = self.serve(answer({"error": "bad key"}, 401))
+        result = self.run_example("compare.py", "Hi", "-b", server.url, "m", "MY_KEY",
+                                  env={"MY_KEY": "sk-from-variable"})
+        self.assertEqual(result.status, 1)
+        self.assertIn("error: HTTP 401: bad key", result.out)
+        self.assertEqual(server.requests[0].headers["authorization"], "Bearer sk-from-variable")
+
+    def test_without_backends_the_environment_one_is_asked(self):
+        server = self.serve(sse(delta("from the environment", "stop")))
+        result = self.run_example("compare.py", "Hi", env={"LLM_BASE_URL": server.url, "LLM_MODEL": "env-model"})
+        self.assertIn("from the environment", result.out)
+        self.assertIn("env-model @ %s" % server.url, result.out)
+
+
+# ---------------------------------------------------------------- summarise.py
+
+
+class SummariseTest(ExampleCase):
+    def write(self, text):
+        path = os.path.join(self.directory, "long.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def summariser(self, request):
+        """Summaries of parts by their numbers; the merge streams MERGED."""
+        body = request.json()
+        text = body["messages"][-1]["content"]
+        if "Merge them" in text:
+            return sse(delta("MERGED "), delta("summary.", "stop"))
+        number = text.split(" of ")[0].split()[-1]
+        return answer(message("summary %s" % number))
+
+    def test_a_long_file_is_summarised_in_parts_then_merged(self):
+        paragraphs = ["Paragraph %d. %s" % (n, "word " * 40) for n in range(12)]
+        path = self.write("\n\n".join(paragraphs))
+        server = self.serve(self.summariser)
+        result = self.run_example("summarise.py", path, "--chunk-chars", "700",
+                                  "--base-url", server.url, "--model", "m")
+        self.assertEqual((result.status, result.out), (0, "MERGED summary.\n"))
+        parts = server.requests[:-1]
+        self.assertEqual(len(parts), 4)  # paragraphs of 216 characters: three fit in 700
+        for request in parts:
+            content = request.json()["messages"][-1]["content"]
+            self.assertLessEqual(len(content.split(" words.\n\n", 1)[1]), 700)
+        merge = server.requests[-1].json()
+        self.assertIs(merge["stream"], True)
+        self.assertIn("Part 1: summary 1\n\nPart 2: summary 2", merge["messages"][-1]["content"])
+        self.assertIn("summarising part 4 of 4", result.err)
+        text = "".join(r.json()["messages"][-1]["content"].split(" words.\n\n", 1)[1] for r in parts)
+        for paragraph in paragraphs:  # nothing lost at the cuts
+            self.assertIn(paragraph, text)
+
+    def test_a_short_file_is_one_request(self):
+        server = self.serve(sse(delta("Short.", "stop")))
+        result = self.run_example("summarise.py", self.write("A short note."), "--base-url", server.url)
+        self.assertEqual((result.status, result.out, len(server.requests)), (0, "Short.\n", 1))
+        self.assertIn("A short note.", server.requests[0].json()["messages"][-1]["content"])
+
+    def test_summaries_too_long_to_merge_are_summarised_again_in_groups(self):
+        def long_summaries(request):
+            text = request.json()["messages"][-1]["content"]
+            if "Merge them" in text:
+                return sse(delta("done", "stop"))
+            return answer(message("s" * 150))
+
+        server = self.serve(long_summaries)
+        path = self.write("\n\n".join("p%d %s" % (n, "x" * 180) for n in range(6)))
+        result = self.run_example("summarise.py", path, "--chunk-chars", "400", "--parallel", "3",
+                                  "--base-url", server.url)
+        self.assertEqual((result.status, result.out), (0, "done\n"))
+        self.assertIn("summarising group of summaries 1 of", result.err)
+
+    def test_stdin_and_errors(self):
+        server = self.serve(answer({"error": "model not loaded"}, 500))
+        result = self.run_example("summarise.py", "-", "--base-url", server.url, stdin=b"some text")
+        self.assertEqual(result.status, 1)
+        self.assertEqual(result.err.splitlines()[-1], "error: HTTP 500: model not loaded")
+
+
+# ---------------------------------------------------------------- json_reply.py
+
+
+class JSONReplyTest(ExampleCase):
+    def ask(self, server, *args):
+        return self.run_example("json_reply.py", "--base-url", server.url, "Colours?", *args)
+
+    def test_a_json_reply_is_parsed_and_printed(self):
+        server = self.serve(answer(message('{"colours": ["red", "blue"]}')))
+        result = self.ask(server)
+        self.assertEqual(result.status, 0)
+        self.assertEqual(json.loads(result.out), {"colours": ["red", "blue"]})
+        self.assertEqual(server.requests[0].json()["response_format"], {"type": "json_object"})
+
+    def test_text_that_is_not_json_is_shown_and_the_error_sent_back(self):
+        server = self.serve(answer(message("Sure! Red and blue.")), answer(message('["red", "blue"]')))
+        result = self.ask(server)
+        self.assertEqual((result.status, json.loads(result.out)), (0, ["red", "blue"]))
+        self.assertIn("attempt 1: the reply is not JSON (Expecting value: line 1 column 1 (char 0))", result.err)
+        self.assertIn("'Sure! Red and blue.'", result.err)
+        retry = server.requests[1].json()["messages"]
+        self.assertEqual(retry[-2], {"role": "assistant", "content": "Sure! Red and blue."})
+        self.assertTrue(retry[-1]["content"].startswith("That was not valid JSON"))
+
+    def test_never_json_is_status_1(self):
+        server = self.serve(answer(message("I cannot do JSON.")))
+        result = self.ask(server, "--attempts", "3")
+        self.assertEqual((result.status, result.out), (1, ""))
+        self.assertEqual(len(server.requests), 3)
+        self.assertIn("error: no JSON after 3 attempts", result.err)
+
+    def test_json_inside_other_text_is_taken_out(self):
+        server = self.serve(answer(message('Here you are:\n```json\n{"a": 1}\n```\nEnjoy!')))
+        result = self.ask(server)
+        self.assertEqual((result.status, json.loads(result.out)), (0, {"a": 1}))
+        self.assertIn("wrapped in other text", result.err)
+
+    def test_schema_and_no_format(self):
+        schema_path = os.path.join(self.directory, "schema.json")
+        with open(schema_path, "w") as f:
+            json.dump({"type": "object", "properties": {"n": {"type": "integer"}}}, f)
+        server = self.serve(answer(message('{"n": 3}')))
+        self.assertEqual(json.loads(self.ask(server, "--schema", schema_path).out), {"n": 3})
+        wanted = server.requests[0].json()["response_format"]
+        self.assertEqual((wanted["type"], wanted["json_schema"]["schema"]["properties"]),
+                         ("json_schema", {"n": {"type": "integer"}}))
+        self.ask(server, "--no-format")
+        self.assertNotIn("response_format", server.requests[1].json())
+
+    def test_a_server_error_is_status_1(self):
+        server = self.serve(answer({"error": {"message": "response_format is not supported"}}, 400))
+        result = self.ask(server)
+        self.assertEqual((result.status, result.err), (1, "error: HTTP 400: response_format is not supported\n"))
+
+
+# ---------------------------------------------------------------- tools.py
+
+
+class ToolsTest(ExampleCase):
+    def test_tool_calls_run_locally_and_their_results_go_back_until_a_text_answer(self):
+        calls = [tool_call("calculate", {"expression": "(3 + 4.5) * 2 ** 3"}, "call_a"),
+                 dict(tool_call("current_time", {}, "call_b"), index=1)]
+        server = self.serve(sse(delta(tool_calls=calls), delta(finish="tool_calls")),
+                            sse(delta(tool_calls=[tool_call("calculate", {"expression": "__import__('os')"}, "call_c")]),
+                                delta(finish="tool_calls")),
+                            sse(delta("It is 60."), delta(finish="stop")))
+        result = self.run_example("tools.py", "--base-url", server.url, "What is (3+4.5)*2**3?")
+        self.assertEqual((result.status, result.out), (0, "It is 60.\n"))
+        self.assertEqual([tool["function"]["name"] for tool in server.requests[0].json()["tools"]],
+                         ["current_time", "calculate"])
+        second = server.requests[1].json()["messages"]
+        self.assertEqual(second[2]["role"], "assistant")
+        self.assertEqual([c["id"] for c in second[2]["tool_calls"]], ["call_a", "call_b"])
+        self.assertEqual(second[3], {"role": "tool", "tool_call_id": "call_a", "content": '{"result": 60.0}'})
+        self.assertEqual(second[4]["tool_call_id"], "call_b")
+        self.assertRegex(json.loads(second[4]["content"])["result"], r"^\w+day \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+        third = server.requests[2].json()["messages"]
+        self.assertEqual(json.loads(third[-1]["content"]), {"error": "not allowed in a calculation: Call"})
+        self.assertIn("[calculate", result.err)
+
+    def test_a_model_that_never_stops_calling_is_cut_off(self):
+        server = self.serve(sse(delta(tool_calls=[tool_call("current_time", {"utc_offset": "+02:00"}, "c")]),
+                                delta(finish="tool_calls")))
+        result = self.run_example("tools.py", "--base-url", server.url, "--rounds", "3", "time?")
+        self.assertEqual(result.status, 1)
+        self.assertEqual(len(server.requests), 3)
+        self.assertIn("error: no answer after 3 requests", result.err)
+        self.assertIn("UTC+0200", server.requests[1].json()["messages"][-1]["content"])
+
+    def test_the_calculator_evaluates_arithmetic_and_refuses_the_rest(self):
+        spec = importlib.util.spec_from_file_location("example_tools", os.path.join(EXAMPLES, "tools.py"))
+        tools = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tools)
+
+        for expression, value in (("1 + 2 * 3", 7), ("(3 + 4.5) * 2 ** 3", 60.0), ("-7 // 2", -4),
+                                  ("7 % 3", 1), ("sqrt(16) + abs(-2)", 6.0), ("round(pi, 2)", 3.14)):
+            self.assertEqual(tools.calculate(expression), value)
+        for expression in ("__import__('os').system('true')", "open('x')", "x", "2 ** 100000",
+                           "9 ** 9 ** 9", "(lambda: 1)()", "[1, 2]", "'a' * 3", "True + 1", "1 +"):
+            with self.assertRaises(ValueError, msg=expression):
+                tools.calculate(expression)
+        with self.assertRaises(ZeroDivisionError):
+            tools.calculate("1 / 0")
+
+
+# ---------------------------------------------------------------- relay.py
+
+
+class RelayTest(ExampleCase):
+    def start_relay(self, server):
+        process = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "relay.py"), "--port", "0",
+                                    "--base-url", server.url, "--model", "m"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, env=environment())
+        self.addCleanup(self.stop_relay, process)
+        line = b""
+        deadline = time.monotonic() + WAIT
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([process.stderr], [], [], left)[0]:
+                self.fail("relay.py did not say where it serves: %r" % line)
+            byte = os.read(process.stderr.fileno(), 1)
+            if not byte:
+                self.fail("relay.py ended: %r" % line)
+            line += byte
+        self.assertTrue(line.startswith(b"serving http://127.0.0.1:"), line)
+        self.relay = process
+        return int(line.split(b":")[2].split(b"/")[0])
+
+    def stop_relay(self, process):
+        if process.poll() is None:
+            process.kill()
+        process.wait(WAIT)
+        err = process.stderr.read().decode("utf-8", "replace")
+        process.stderr.close()
+        self.assertNotIn("Traceback", err)
+
+    def post(self, port, messages, raw=None):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        self.addCleanup(connection.close)
+        body = raw if raw is not None else json.dumps({"messages": messages}).encode()
+        connection.request("POST", "/chat", body, {"Content-Type": "application/json"})
+        return connection.getresponse()
+
+    def events(self, reply):
+        """The data of each event, read as they come."""
+        while True:
+            line = reply.readline()
+            if not line:
+                return
+            if line.startswith(b"data: "):
+                data = line[6:].strip().decode()
+                yield data if data == "[DONE]" else json.loads(data)
+
+    def test_the_page_is_served(self):
+        port = self.start_relay(self.serve(sse(delta("x", "stop"))))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/")
+        reply = connection.getresponse()
+        page = reply.read().decode()
+        self.assertEqual((reply.status, reply.getheader("Content-Type")), (200, "text/html; charset=utf-8"))
+        for text in ("<form", 'fetch("/chat"', "getReader()", "[DONE]"):
+            self.assertIn(text, page)
+        connection.request("GET", "/nothing")
+        self.assertEqual(connection.getresponse().status, 404)
+
+    def test_the_reply_is_relayed_as_server_sent_events_as_it_comes(self):
+        relayed = threading.Event()
+        waited = []
+        server = self.serve(sse(delta("Hel"), lambda: waited.append(relayed.wait(5)),
+                                delta('lo "there"'), delta("!", "stop")))
+        port = self.start_relay(server)
+        reply = self.post(port, [{"role": "user", "content": "Hi"}])
+        self.assertEqual((reply.status, reply.getheader("Content-Type")),
+                         (200, "text/event-stream; charset=utf-8"))
+        events = self.events(reply)
+        self.assertEqual(next(events), {"content": "Hel"})
+        relayed.set()  # the server sends the rest only now
+        self.assertEqual(list(events), [{"content": 'lo "there"'}, {"content": "!"}, "[DONE]"])
+        self.assertEqual(waited, [True])
+        self.assertEqual(server.requests[0].json()["messages"], [{"role": "user", "content": "Hi"}])
+
+    def test_an_upstream_error_becomes_an_error_event(self):
+        port = self.start_relay(self.serve(answer({"error": "model not found"}, 404)))
+        events = list(self.events(self.post(port, [{"role": "user", "content": "Hi"}])))
+        self.assertEqual(events, [{"error": "HTTP 404: model not found"}, "[DONE]"])
+
+    def test_bad_requests_are_refused(self):
+        port = self.start_relay(self.serve(sse(delta("x", "stop"))))
+        for raw in (b"not json", b'{"messages": []}', b'{"messages": [{"role": "robot", "content": "x"}]}',
+                    b'{"messages": [{"role": "user", "content": 5}]}', b"[]"):
+            with self.subTest(raw=raw):
+                self.assertEqual(self.post(port, None, raw=raw).status, 400)
+
+    def test_several_pages_at_once(self):
+        server = self.serve(lambda request: sse(delta("reply to "), 0.2,
+                                                delta(request.json()["messages"][-1]["content"], "stop")))
+        port = self.start_relay(server)
+        results = {}
+
+        def page(number):
+            events = self.events(self.post(port, [{"role": "user", "content": "page %d" % number}]))
+            results[number] = "".join(e["content"] for e in events if isinstance(e, dict))
+
+        threads = [threading.Thread(target=page, args=(n,), daemon=True) for n in range(5)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        self.assertEqual(results, {n: "reply to page %d" % n for n in range(5)})
+        self.assertLess(time.monotonic() - started, 0.2 * 5)  # they overlapped
+
+    def test_a_page_closed_mid_reply_does_not_break_the_server(self):
+        server = self.serve(sse(delta("one "), *[step for n in range(40) for step in (0.05, delta("more "))]),
+                            sse(delta("next page", "stop")))
+        port = self.start_relay(server)
+        reply = self.post(port, [{"role": "user", "content": "long"}])
+        self.assertEqual(next(self.events(reply)), {"content": "one "})
+        reply.close()  # the tab goes away
+        time.sleep(0.3)
+        events = list(self.events(self.post(port, [{"role": "user", "content": "again"}])))
+        self.assertEqual(events, [{"content": "next page"}, "[DONE]"])
+        self.assertIsNone(self.relay.poll())
+
+
+if __name__ == "__main__":
+    unittest.main()
