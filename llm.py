@@ -71,7 +71,9 @@ _STOP_REASONS = {
 }
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
                 "OPENAI_API_KEY", "OLLAMA_HOST")
+_MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is quadratic)
 _DONE = object()  # the payload of ``data: [DONE]``
+_ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
 
 
@@ -108,10 +110,12 @@ def image(source: "Any", detail: "Optional[str]" = None) -> "Dict[str, Any]":
     be read does not raise: the call that sends it answers with the error.
     """
     try:
-        url = str(source) if str(source).startswith(("http://", "https://", "data:")) \
-            else _data_url(source)
+        if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
+            raise TypeError("an image is a file path or a URL, not %s" % type(source).__name__)
+        url = source if isinstance(source, str) and source.startswith(
+            ("http://", "https://", "data:")) else _data_url(source)
     except Exception as exc:  # a public function: report, never raise
-        return _BadPart("image %r: %s" % (source, _describe(exc)))
+        return _BadPart("image %s: %s" % (_shown(source), _describe(exc)))
     part = {"url": url}  # type: Dict[str, Any]
     if detail is not None:
         part["detail"] = detail
@@ -146,7 +150,7 @@ class ToolCall:
         self.id, self.name, self.arguments, self.type = id, name, arguments, type
         try:
             self.args = json.loads(arguments) if arguments.strip() else {}  # type: Any
-        except ValueError:
+        except (ValueError, RecursionError):
             self.args = None
 
     def to_dict(self) -> "Dict[str, Any]":
@@ -236,9 +240,13 @@ class Stream:
         return self._call.response()
 
     def close(self) -> None:
-        """End the stream now; the response keeps what came, as cancelled."""
-        self._call.cancelled = True
-        self._pieces.close()  # type: ignore[attr-defined]
+        """End the stream now, from any thread; the response keeps what came, as cancelled."""
+        with self._call.client._lock:
+            self._call.cancel()
+        try:
+            self._pieces.close()  # type: ignore[attr-defined]
+        except ValueError:  # being read in another thread: the cancel ends it there
+            pass
 
     def __enter__(self) -> "Stream":
         return self
@@ -355,13 +363,18 @@ class Client:
         Returns the :class:`Response` with the whole content. When ``out.write``
         raises (a reader went away), the call ends with an error response.
         """
-        write = getattr(out, "write", None)
+        try:
+            write = getattr(out, "write", None)
+            flush = getattr(out, "flush", None)
+            on_reasoning = getattr(out, "write_reasoning", None)
+        except Exception as exc:  # a property that raises
+            write, problem = None, _describe(exc)
+        else:
+            problem = "got %s" % type(out).__name__
         if not callable(write):
-            return Response("", "error", "out must have a write(str) method, got %s"
-                            % type(out).__name__)
-        flush = getattr(out, "flush", None)
+            return Response("", "error", _one_line("out must have a write(str) method, " + problem))
         call = _Call(self, stream=True)
-        call.on_reasoning = getattr(out, "write_reasoning", None)
+        call.on_reasoning = on_reasoning
         pieces = call.run(call.chat(messages, params))
         try:
             for piece in pieces:
@@ -396,7 +409,8 @@ class Client:
         found = _Models()
         for _ in call.run(call.models(found)):
             pass
-        found.error, found.status = call._redacted(call.error), call.status
+        found.error, found.status = call.response().error or (
+            "cancelled" if call.cancelled else ""), call.status
         return found
 
     def cancel(self) -> None:
@@ -606,7 +620,11 @@ def _ollama_host_url(value: str) -> str:
 def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
     """Split a base URL into scheme, host, port, and the chat and models paths."""
     url = url.strip()
+    if any(ord(c) < 33 or ord(c) == 127 for c in url):  # urlsplit would drop tabs and line ends
+        raise ValueError("base_url contains a space or a control character: %r" % url)
     if "://" not in url:
+        if url.lower().startswith(("http:", "https:")):
+            raise ValueError("base_url is missing a slash: %r" % url)
         url = "http://" + url
     parts = _urlsplit(url)
     scheme = parts.scheme.lower()
@@ -615,7 +633,10 @@ def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
     host = parts.hostname or ""
     if not host or any(c in host for c in " \t\r\n\0/\\"):
         raise ValueError("base_url has no valid host: %r" % url)
-    port = parts.port or (443 if scheme == "https" else 80)  # a bad port raises ValueError
+    port = parts.port  # a bad port raises ValueError
+    if port == 0:
+        raise ValueError("base_url has port 0: %r" % url)
+    port = port or (443 if scheme == "https" else 80)
     path = parts.path.rstrip("/")
     if path.endswith("/chat/completions"):
         path = path[: -len("/chat/completions")]
@@ -656,16 +677,24 @@ def _count(name: str, value: "Any") -> int:
 def _headers(api_key: str, extra: "Any") -> "Dict[str, str]":
     headers = {"Content-Type": "application/json", "User-Agent": "llm.py/" + __version__}
     if api_key:
-        headers["Authorization"] = "Bearer " + api_key
+        headers["Authorization"] = "Bearer " + _latin1("api_key", api_key)
     if not isinstance(extra, dict):
         raise TypeError("headers must be a dict, got %s" % type(extra).__name__)
     for name, value in extra.items():
         _text("header name", name)
-        if not name or any(c in name for c in ":() \t"):
+        if not name or any(not 32 < ord(c) < 127 or c in '()<>@,;:\\"/[]?={}' for c in name):
             raise ValueError("invalid header name %r" % name)
         _text("header %s" % name, value, secret=True)
-        headers[name] = value
+        headers[name] = _latin1("header %s" % name, value)
     return headers
+
+
+def _latin1(name: str, value: str) -> str:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("%s has characters that HTTP headers cannot carry" % name)
+    return value
 
 
 def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, str]]]":
@@ -717,9 +746,13 @@ def _checked_messages(messages: "Any", system: str) -> "List[Any]":
     return list(messages)
 
 
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # json.dumps makes one a call
+_raw_decode = json.JSONDecoder().raw_decode
+
+
 def _encode(body: "Dict[str, Any]") -> bytes:
     try:
-        text = json.dumps(body, ensure_ascii=False, allow_nan=False)
+        text = _encoder.encode(body)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _Failure("the request cannot be sent as JSON: %s" % exc)
     try:
@@ -754,8 +787,9 @@ class _Call:
         self.sock = None  # type: Any
         self.wake = None  # type: Optional[threading.Event]
         self.deadline_at = 0.0
-        self.deadline_bound = False  # the armed read timeout is the deadline's
+        self.expired = False  # the deadline passed
         self.broken = False  # the connection cannot be reused
+        self.followed = _ANY  # the index of the choice this reply keeps to
         self.content = []  # type: List[str]
         self.reasoning = []  # type: List[str]
         self.reasoning_field = "reasoning_content"
@@ -775,21 +809,28 @@ class _Call:
         client = self.client
         with client._lock:
             client._active.add(self)
+        timer = None
         try:
             if client._problem:
                 raise _Failure(client._problem)
-            if client._deadline:
+            if client._deadline:  # a timer bounds every wait, http.client's own loops too
                 self.deadline_at = time.monotonic() + client._deadline
+                timer = threading.Timer(client._deadline, self._expire)
+                timer.daemon = True
+                timer.start()
             for piece in work:
                 yield piece
         except _Failure as failure:
-            self.error = str(failure)
+            self.error = ("deadline of %gs exceeded" % client._deadline if self.expired
+                          else str(failure))
         except Exception as exc:  # the one boundary: a surprise becomes an error response
             self.error = "unexpected failure: " + _describe(exc)
         except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
             self.broken = True  # a half-read reply: the connection cannot be reused
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             with client._lock:
                 client._active.discard(self)
                 self.sock = None
@@ -871,15 +912,12 @@ class _Call:
         while True:
             if connection.sock is None:
                 self._connect(connection)
-            else:  # an earlier call may have shortened it
-                connection.sock.settimeout(client._read_timeout)
             self._attach(connection.sock)
             try:
                 if data is None:
                     connection.request("GET", client._models_path, headers=headers)
                 else:
                     connection.request("POST", client._chat_path, data, headers)
-                self._arm()
                 self.reply = connection.getresponse()
                 return self.reply
             except (ConnectionError, http.client.BadStatusLine) as exc:
@@ -890,7 +928,7 @@ class _Call:
                     reused = False
                     continue
                 raise _Failure(self._network_error(exc), retryable=True)
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 connection.close()
                 raise _Failure(self._network_error(exc))
 
@@ -924,12 +962,22 @@ class _Call:
     def _attach(self, sock: "Any") -> None:
         with self.client._lock:  # cancel() reads it under the same lock
             self.sock = sock
-        if self.cancelled:
+        if self.cancelled or self.expired:
             raise _Failure("cancelled")
 
     def cancel(self) -> None:
         """Mark the call cancelled and wake it (called under the client's lock)."""
         self.cancelled = True
+        self._wake_up()
+
+    def _expire(self) -> None:
+        """The deadline passed: end the call as cancel() would (from the timer's thread)."""
+        with self.client._lock:
+            if self in self.client._active:
+                self.expired = True
+                self._wake_up()
+
+    def _wake_up(self) -> None:
         if self.wake is not None:
             self.wake.set()
         if self.sock is not None:
@@ -964,17 +1012,8 @@ class _Call:
             raise _Failure("deadline of %gs exceeded" % self.client._deadline)
         return remaining
 
-    def _arm(self) -> None:
-        """Bound the next read by the deadline too, when there is one."""
-        if self.deadline_at:
-            remaining = self._remaining()
-            self.deadline_bound = remaining < self.client._read_timeout
-            self.sock.settimeout(min(remaining, self.client._read_timeout))
-
     def _read(self, reply: "http.client.HTTPResponse", whole: bool = False) -> bytes:
         """Read what is there (at most one buffer), as soon as anything is."""
-        if self.deadline_at:
-            self._arm()
         try:
             return reply.read() if whole else reply.read1(_READ_SIZE)
         except http.client.IncompleteRead:
@@ -1023,7 +1062,7 @@ class _Call:
     def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Any":
         data = first + self._read_rest(reply, self.client._max_bytes - len(first))
         try:
-            reply_object = json.loads(data.decode("utf-8", "replace"))
+            reply_object = _json(data.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
             raise _Failure("the server sent invalid JSON: %s" % _clip(data))
         if not isinstance(reply_object, dict):
@@ -1050,11 +1089,16 @@ class _Call:
                                % self.client._max_bytes)
 
     def _drain(self, reply: "http.client.HTTPResponse") -> None:
-        """After [DONE], read the end of the body so that the connection can be reused."""
+        """After [DONE], read the end of the body (for a second at most) for the connection's reuse."""
+        read_timeout, give_up = self.client._read_timeout, time.monotonic() + 1.0
         try:
-            self.sock.settimeout(min(1.0, self.client._read_timeout))
-            for _ in range(16):
+            for _ in range(64):
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    break
+                self.sock.settimeout(min(left, read_timeout))
                 if not reply.read1(_READ_SIZE):
+                    self.sock.settimeout(read_timeout)
                     return
         except (OSError, http.client.HTTPException, ValueError):
             pass
@@ -1073,12 +1117,10 @@ class _Call:
             message = "redirect to %s not followed" % (reply.getheader("Location") or "?")
         else:
             message = _server_message(body) or reply.reason or http.client.responses.get(status, "")
-        return "HTTP %d: %s" % (status, _one_line(message)), body.decode("utf-8", "replace").lower()
+        return "HTTP %d: %s" % (status, message), body.decode("utf-8", "replace").lower()
 
     def _network_error(self, exc: BaseException) -> str:
         if isinstance(exc, socket.timeout):
-            if self.deadline_bound:
-                return "deadline of %gs exceeded" % self.client._deadline
             return "timed out after %gs waiting for data" % self.client._read_timeout
         if isinstance(exc, http.client.RemoteDisconnected):
             return "%s closed the connection without answering" % self._where()
@@ -1099,7 +1141,7 @@ class _Call:
     def _apply(self, chunk: "Dict[str, Any]", key: str) -> "Optional[str]":
         """Take what a chunk (``key="delta"``) or a whole reply (``"message"``) carries."""
         if chunk.get("error") is not None or chunk.get("object") == "error":
-            raise _Failure(_one_line(_message_of(chunk) or "the server sent an error"))
+            raise _Failure(_message_of(chunk) or "the server sent an error")
         if not self.id:
             self.id, self.model = _string(chunk.get("id")), _string(chunk.get("model"))
         usage = chunk.get("usage")
@@ -1109,12 +1151,14 @@ class _Call:
         if not choices or not isinstance(choices, list):
             return None
         choice = choices[0]
-        if not isinstance(choice, dict) or choice.get("index"):  # n > 1: keep to the first
-            choice = next((c for c in choices if isinstance(c, dict) and not c.get("index")), None)
+        if len(choices) > 1 or not isinstance(choice, dict) \
+                or (choice.get("index") or 0) != self.followed:
+            choice = self._choice(choices)  # n > 1: keep to one choice
             if choice is None:
                 return None
-        if choice.get("finish_reason"):
-            self.finish = choice["finish_reason"]
+        finish = choice.get("finish_reason")
+        if finish and isinstance(finish, str):
+            self.finish = finish
         if choice.get("usage"):
             self.usage = choice["usage"]
         delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
@@ -1135,6 +1179,17 @@ class _Call:
         if text:
             self.content.append(text)
             return text
+        return None
+
+    def _choice(self, choices: "List[Any]") -> "Optional[Dict[str, Any]]":
+        """The choice with the index this reply keeps to: the first one seen."""
+        for choice in choices:
+            if isinstance(choice, dict):
+                index = choice.get("index") or 0  # no index: the first choice
+                if self.followed is _ANY:
+                    self.followed = index
+                if index == self.followed:
+                    return choice
         return None
 
     def _show_reasoning(self, thought: str) -> None:
@@ -1188,7 +1243,8 @@ class _Call:
         if connection is not None:
             reply = self.reply
             finished = reply is None or reply.isclosed()
-            self.client._checkin(connection, finished and not (self.broken or self.cancelled))
+            self.client._checkin(connection, finished and not (
+                self.broken or self.cancelled or self.expired))
 
     def response(self) -> Response:
         """The call's :class:`Response`, from what has arrived so far."""
@@ -1196,13 +1252,16 @@ class _Call:
         if self.cancelled and (self.error or not self.done):
             response = Response(content, "cancelled")
         elif self.error:
-            response = Response(content, "error", self._redacted(self.error))
+            response = Response(content, "error", _one_line(self._redacted(self.error)))
         else:
-            finish = self.finish if self.finish is not None else "stop"
-            reason = _STOP_REASONS.get(str(finish).lower(), str(finish))
+            finish = self.finish or "stop"
+            reason = _STOP_REASONS.get(finish.lower(), finish)
             if reason == "stop" and self.builders:
                 reason = "tool_calls"  # some servers say "stop" when they call tools
             response = Response(content, reason)
+            if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
+                response.stop_reason = "error"  # the server gave up (OpenRouter: a provider failed)
+                response.error = _one_line('the server ended the reply: finish_reason "%s"' % finish)
         response.status = self.status
         response.usage = _usage(self.usage)
         response.tool_calls = [
@@ -1238,13 +1297,18 @@ class _SSEDecoder:
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._partial = []  # type: List[bytes]  # the pieces of a line not ended yet
         self._after_cr = False
         self._started = False
         self._kind = ""
         self._data = []  # type: List[bytes]
 
     def feed(self, chunk: bytes) -> "List[Tuple[str, Any]]":
+        if (chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and self._started
+                and not (self._partial or self._data or self._after_cr)
+                and chunk.find(b"\n") == len(chunk) - 2 and b"\r" not in chunk):
+            kind, self._kind = self._kind or "message", ""  # the usual read: one whole event
+            return [(kind, _payload([chunk[6:-2]], eager=False))]
         if self._after_cr:
             self._after_cr = False
             if chunk[:1] == b"\n":  # the second half of a CRLF split across reads
@@ -1252,39 +1316,52 @@ class _SSEDecoder:
         if b"\r" in chunk:
             self._after_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        data = self._buffer + chunk if self._buffer else chunk
         if not self._started:
-            if len(data) < 3 and b"\xef\xbb\xbf".startswith(data):
-                self._buffer = data  # too short to tell whether it is a BOM
+            chunk = b"".join(self._partial) + chunk
+            self._partial = []
+            if len(chunk) < 3 and b"\xef\xbb\xbf".startswith(chunk):
+                self._partial.append(chunk)  # too short to tell whether it is a BOM
                 return []
             self._started = True
-            if data.startswith(b"\xef\xbb\xbf"):
-                data = data[3:]
-        lines = data.split(b"\n")
-        self._buffer = lines.pop()
+            if chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+        if b"\n" not in chunk:
+            if chunk:
+                self._partial.append(chunk)  # a long line is joined once, when it ends
+            return []
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial = []
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if rest:
+            self._partial.append(rest)
         return self._lines(lines)
 
     def close(self) -> "List[Tuple[str, Any]]":
         """The end of the stream: what is left, taken leniently (the spec drops it)."""
-        lines = [self._buffer, b""] if self._buffer else [b""]
-        self._buffer = b""
-        return self._lines(lines)
+        rest = b"".join(self._partial)
+        self._partial = []
+        return self._lines([rest, b""] if rest else [b""])
 
     def _lines(self, lines: "List[bytes]") -> "List[Tuple[str, Any]]":
         events = []
+        data = self._data
         for line in lines:
             if line.startswith(b"data:"):
-                value = line[6:] if line[5:6] == b" " else line[5:]
-                self._data.append(value)
-                if value.endswith((b"}", b"]")):  # maybe complete: take it now if it parses
-                    payload = self._payload(eager=True)
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+                if line.endswith((b"}", b"]")) and (len(data) == 1 or _small(data)):
+                    payload = _payload(data, eager=True)  # complete JSON? take it now
                     if payload is not None:
                         events.append((self._kind or "message", payload))
-                        self._data, self._kind = [], ""
+                        del data[:]
+                        self._kind = ""
             elif not line:
-                if self._data:
-                    events.append((self._kind or "message", self._payload(eager=False)))
-                self._data, self._kind = [], ""
+                if data:
+                    events.append((self._kind or "message", _payload(data, eager=False)))
+                    del data[:]
+                self._kind = ""
             elif line[:1] != b":":  # not a comment
                 field, _, value = line.partition(b":")
                 if field == b"event":
@@ -1292,15 +1369,43 @@ class _SSEDecoder:
                     self._kind = value.decode("utf-8", "replace")
         return events
 
-    def _payload(self, eager: bool) -> "Any":
-        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
-        if data == b"[DONE]":
-            return _DONE
-        text = data.decode("utf-8", "replace")
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError):
-            return None if eager else text
+
+def _small(lines: "List[bytes]") -> bool:
+    """Whether an event of several data lines is small enough to try as JSON at each line.
+
+    Trying a growing event at every line costs time quadratic in its size:
+    past this bound, an event waits for its blank line, as the spec says.
+    """
+    return len(lines) <= 64 and sum(map(len, lines)) <= 65536
+
+
+def _payload(lines: "List[bytes]", eager: bool) -> "Any":
+    """An event's data parsed as JSON; when it is not JSON, None if eager, else the text."""
+    data = lines[0] if len(lines) == 1 else b"\n".join(lines)
+    if data == b"[DONE]":
+        return _DONE
+    text = data.decode("utf-8", "replace")
+    try:
+        return _json(text)
+    except (ValueError, RecursionError):
+        return None if eager else text
+
+
+def _json(text: str) -> "Any":
+    """``json.loads(text)``, quicker for plain objects and safe from huge integers."""
+    if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
+        return json.loads(text, parse_int=_int)
+    try:
+        value, end = _raw_decode(text)  # no whitespace scans around it, as json.loads has
+        if end == len(text):
+            return value
+    except ValueError:
+        pass
+    return json.loads(text)  # surrounding space, trailing text, not JSON: json.loads decides
+
+
+def _int(digits: str) -> "Any":
+    return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
 
 
 # ---------------------------------------------------------------- reading what servers send
@@ -1403,8 +1508,21 @@ def _where(host: str, port: int) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:  # an exception that cannot say what it is
+        text = ""
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
+
+def _shown(value: "Any") -> str:
+    """repr(value), cut short; never raises."""
+    try:
+        text = repr(value)
+    except Exception:
+        return "<%s>" % type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 
 # ---------------------------------------------------------------- the command line
