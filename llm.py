@@ -471,13 +471,15 @@ class Client:
             raise TypeError("params must be a dict, got %s" % type(params).__name__)
         self._params = dict(params or {})
         self._stream_usage = bool(stream_usage)
-        self._headers = _headers(self._api_key, headers or {})
+        sent = _headers(self._api_key, headers or {})
         self._proxy = _proxy_for(self._scheme, self._host)
         if self._proxy and self._scheme == "http":  # a proxy wants the absolute URL
             origin = "http://%s" % _where(self._host, self._port)
             self._chat_path, self._models_path = (origin + self._chat_path,
                                                   origin + self._models_path)
-            self._headers.update(self._proxy[2])
+            sent.update(self._proxy[2])
+        self._stream_headers = _accepting(sent, "text/event-stream")
+        self._plain_headers = _accepting(sent, "application/json")
 
     def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
         body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
@@ -685,8 +687,17 @@ def _headers(api_key: str, extra: "Any") -> "Dict[str, str]":
         if not name or any(not 32 < ord(c) < 127 or c in '()<>@,;:\\"/[]?={}' for c in name):
             raise ValueError("invalid header name %r" % name)
         _text("header %s" % name, value, secret=True)
+        for same in [key for key in headers if key.lower() == name.lower()]:
+            del headers[same]  # ours, or an earlier spelling: header names ignore case
         headers[name] = _latin1("header %s" % name, value)
     return headers
+
+
+def _accepting(headers: "Dict[str, str]", kind: str) -> "Dict[str, str]":
+    """The headers with ``Accept: kind``, unless the caller chose an Accept."""
+    if any(name.lower() == "accept" for name in headers):
+        return headers
+    return dict(headers, Accept=kind)
 
 
 def _latin1(name: str, value: str) -> str:
@@ -906,8 +917,7 @@ class _Call:
         """Send the request; a kept-alive connection that the server closed is retried once."""
         client = self.client
         connection = self.connection = self.connection or client._checkout()
-        headers = dict(client._headers)
-        headers["Accept"] = "text/event-stream" if self.stream else "application/json"
+        headers = client._stream_headers if self.stream else client._plain_headers
         reused = connection.sock is not None
         while True:
             if connection.sock is None:

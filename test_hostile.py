@@ -1062,6 +1062,39 @@ class EdgeTest(HostileCase):
             client = llm.Client(url)
             self.assertTrue(client._problem, (url, getattr(client, "_host", None)))
 
+    # found: extra headers replaced the client's own only when spelled with the same
+    # case: headers={"authorization": ...} with an api_key sent two Authorization
+    # headers, and "content-type" or "accept" a second Content-Type or Accept.
+    def test_extra_headers_replace_the_clients_own_whatever_their_case(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        heads = []
+
+        def serve():
+            sock, _ = listener.accept()
+            sock.settimeout(5)
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536) or b"\r\n\r\n"
+                heads.append(data.split(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")[1:])
+                sock.sendall(b"HTTP/1.1 500 No\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            finally:
+                sock.close()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = self.client("http://127.0.0.1:%d" % listener.getsockname()[1], api_key=KEY,
+                             headers={"authorization": "Bearer other", "content-type": "application/json; x=1",
+                                      "accept": "application/json"})
+        client.chat(HI)
+        thread.join(5)
+        names = [line.partition(":")[0] for line in heads[0]]
+        for name in ("authorization", "content-type", "accept"):
+            self.assertEqual(names.count(name), 1, (name, heads[0]))
+        self.assertIn("authorization: bearer other", heads[0])
+
     def test_odd_outs_never_raise(self):
         server = self.serve(sse(delta("a"), delta(reasoning_content="hm"), delta("b", "stop")))
         client = self.client(server)
