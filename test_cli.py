@@ -15,7 +15,7 @@ import threading
 import time
 import unittest
 
-from test_llm import (END, HANG, KEY, RESET, Server, answer, chunk, delta, free_port, head,
+from test_llm import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port, head,
                       message, sse)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,25 +41,25 @@ class Result:
         self.status, self.out, self.err = status, out.decode("utf-8"), err.decode("utf-8")
 
 
-class CommandLineCase(unittest.TestCase):
-    def serve(self, *answers):
-        server = Server(*answers)
-        self.addCleanup(server.close)
-        return server
+def run(command, stdin=b"", env=None, cwd=None):
+    """Run a program to its end (WAIT seconds at most) with stdin piped in: its Result."""
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=cwd, env=env or environment())
+    try:
+        out, err = process.communicate(stdin, timeout=WAIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(WAIT)
+    return Result(process.returncode, out, err)
 
+
+class CommandLineCase(LoopbackCase):
     def run_cli(self, *args, **options):
         """Run llm.py with args; ``stdin`` bytes are piped in (default: nothing)."""
         server = options.pop("server", None)
         command = [sys.executable, LLM] + (["--base-url", server.url] if server else []) + list(args)
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env=environment(**options.pop("env", {})))
-        try:
-            out, err = process.communicate(options.pop("stdin", b""), timeout=WAIT)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(WAIT)
-        result = Result(process.returncode, out, err)
+        result = run(command, options.pop("stdin", b""), environment(**options.pop("env", {})))
         self.assertNotIn("Traceback", result.err)
         return result
 

@@ -18,24 +18,11 @@ import threading
 import time
 import unittest
 
-from test_llm import HANG, Server, answer, delta, free_port, message, sse
+from test_cli import WAIT, environment, run
+from test_llm import Server, answer, delta, free_port, message, sse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "examples")
-WAIT = 20  # seconds: the longest any one program may take
-
-
-def environment(**values):
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("LLM_", "OPENAI_", "OLLAMA_"))}
-    env["PYTHONIOENCODING"] = "utf-8"
-    env.update(values)
-    return env
-
-
-class Result:
-    def __init__(self, status, out, err):
-        self.status, self.out, self.err = status, out.decode("utf-8"), err.decode("utf-8")
 
 
 def tool_call(name, arguments, call_id):
@@ -55,16 +42,8 @@ class ExampleCase(unittest.TestCase):
 
     def run_example(self, name, *args, **options):
         command = [sys.executable, os.path.join(EXAMPLES, name)] + list(args)
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, cwd=self.directory,
-                                   env=environment(**options.get("env", {})))
-        try:
-            out, err = process.communicate(options.get("stdin", b""), timeout=WAIT)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(WAIT)
-        result = Result(process.returncode, out, err)
+        result = run(command, options.get("stdin", b""), environment(**options.get("env", {})),
+                     cwd=self.directory)
         self.assertNotIn("Traceback", result.err)
         return result
 

@@ -33,7 +33,7 @@ import unittest
 from unittest import mock
 
 import llm
-from test_llm import (CLOSE, END, HANG, RESET, Server, Writes, answer, chunk, delta, head,
+from test_llm import (CLOSE, END, HANG, RESET, LoopbackCase, Server, Writes, answer, chunk, delta, head,
                       message, sse)
 
 try:
@@ -282,20 +282,7 @@ def free_port():
     return port
 
 
-class HostileCase(unittest.TestCase):
-    def serve(self, *answers):
-        server = Server(*answers)
-        self.addCleanup(server.close)
-        return server
-
-    def client(self, server, **options):
-        options.setdefault("model", "m")
-        options.setdefault("timeout", 5)
-        options.setdefault("api_key", "")
-        client = llm.Client(server.url if isinstance(server, Server) else server, **options)
-        self.addCleanup(client.close)
-        return client
-
+class HostileCase(LoopbackCase):
     def assert_bounded_peak(self, function, limit):
         """Run function under tracemalloc; return (result, peak bytes), the peak below limit."""
         gc.collect()

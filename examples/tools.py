@@ -73,7 +73,7 @@ def calculate(expression):
 
 
 def evaluate(node):
-    value = getattr(node, "value", getattr(node, "n", None))  # ast.Constant; ast.Num before 3.8
+    value = node.value if hasattr(node, "value") else getattr(node, "n", None)  # ast.Num before 3.8
     if type(node).__name__ in ("Constant", "Num"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return value
