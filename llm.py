@@ -72,6 +72,10 @@ _STOP_REASONS = {
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
                 "OPENAI_API_KEY", "OLLAMA_HOST")
 _MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is quadratic)
+_MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refused
+_VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
+_CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost before parsing
+_MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
@@ -173,11 +177,14 @@ class Response:
     a dict with ``prompt_tokens``, ``completion_tokens``, ``total_tokens``
     when the server reported them, else ``None``; ``tool_calls``: a list of
     :class:`ToolCall`; ``reasoning``: reasoning text, ``""`` if none;
+    ``refusal``: the model's refusal (OpenAI's ``refusal`` field), ``""`` if
+    none; a reply that is only a refusal has ``stop_reason "refusal"``;
     ``model`` and ``id`` as the server reported them.
     """
 
     __slots__ = ("content", "role", "stop_reason", "error", "status", "usage",
-                 "tool_calls", "reasoning", "model", "id", "_reasoning_field")
+                 "tool_calls", "reasoning", "refusal", "model", "id", "_reasoning_field",
+                 "_legacy_call")
 
     def __init__(self, content: str = "", stop_reason: str = "stop", error: str = "") -> None:
         self.content, self.stop_reason, self.error = content, stop_reason, error
@@ -185,9 +192,10 @@ class Response:
         self.status = 0
         self.usage = None  # type: Optional[Dict[str, Any]]
         self.tool_calls = []  # type: List[ToolCall]
-        self.reasoning = ""
+        self.reasoning = self.refusal = ""
         self.model = self.id = ""
         self._reasoning_field = "reasoning_content"
+        self._legacy_call = False  # the server used the older function_call shape
 
     @property
     def ok(self) -> bool:
@@ -197,13 +205,18 @@ class Response:
     def to_message(self) -> "Dict[str, Any]":
         """The assistant message to append to history, in the wire shape.
 
-        Tool calls are included, and so is the reasoning, under the field
+        Tool calls are included (as ``function_call`` when the server used that
+        older shape), and so are a refusal and the reasoning, under the field
         name the server used (some servers want it back in tool loops).
         """
-        message = {"role": "assistant", "content": self.content if self.content
-                   or not self.tool_calls else None}  # type: Dict[str, Any]
-        if self.tool_calls:
+        message = {"role": "assistant", "content": self.content if self.content or not (
+            self.tool_calls or self.refusal) else None}  # type: Dict[str, Any]
+        if self.tool_calls and self._legacy_call:
+            message["function_call"] = self.tool_calls[0].to_dict()["function"]
+        elif self.tool_calls:
             message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.refusal:
+            message["refusal"] = self.refusal
         if self.reasoning:
             message[self._reasoning_field] = self.reasoning
         return message
@@ -494,11 +507,18 @@ class Client:
     # ------------------------------------------------------------ connections
 
     def _checkout(self) -> "http.client.HTTPConnection":
-        """This thread's idle connection, or a new one (calls may overlap in a thread)."""
+        """This thread's idle connection, or a new one (calls may overlap in a thread).
+
+        An idle connection is reused only in the process that opened it, and only
+        when the server has neither closed it nor sent anything since the last
+        answer (stray bytes would be read as the next call's answer).
+        """
         slot = getattr(self._local, "slot", None)  # type: Optional[_Slot]
         if slot is not None and slot.connection is not None:
             connection, slot.connection = slot.connection, None
-            return connection
+            if slot.pid == os.getpid() and _quiet(connection.sock):
+                return connection
+            connection.close()  # a parent's copy: closing ours leaves theirs open and intact
         connection = self._new_connection()
         with self._lock:
             self._connections.add(connection)
@@ -509,19 +529,21 @@ class Client:
         if slot is None:
             slot = self._local.slot = _Slot()
         if reusable and slot.connection is None:
-            slot.connection = connection
+            slot.connection, slot.pid = connection, os.getpid()
         else:
             connection.close()
 
     def _new_connection(self) -> "http.client.HTTPConnection":
         host, port = self._proxy[:2] if self._proxy else (self._host, self._port)
         if self._scheme == "http":
-            return http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
-        context = self._tls_context()  # first: without ssl there is no HTTPSConnection
-        connection = http.client.HTTPSConnection(
-            host, port, timeout=self._connect_timeout, context=context)
-        if self._proxy:
-            connection.set_tunnel(self._host, self._port, headers=self._proxy[2])
+            connection = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        else:
+            context = self._tls_context()  # first: without ssl there is no HTTPSConnection
+            connection = http.client.HTTPSConnection(
+                host, port, timeout=self._connect_timeout, context=context)
+            if self._proxy:
+                connection.set_tunnel(self._host, self._port, headers=self._proxy[2])
+        connection.response_class = _FinalResponse
         return connection
 
     def _tls_context(self) -> "Any":
@@ -542,6 +564,60 @@ class Client:
         return self._tls
 
 
+def _quiet(sock: "Any") -> bool:
+    """Whether an idle socket has nothing to read: no stray bytes, no close from the server."""
+    if sock is None:
+        return True
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        socket.socket.recv(sock, 1, socket.MSG_PEEK)  # the raw bytes, TLS or not
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+    return False
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """A response that skips every interim (1xx) response, not only ``100 Continue``.
+
+    RFC 9110 asks clients to accept any number of them (``102 Processing``,
+    ``103 Early Hints``) before the final one; taking one as the answer would
+    leave the real answer in the socket, to be read as the next call's.
+    """
+
+    def _read_status(self) -> "Tuple[str, int, str]":
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200 or status == 101:  # 101: a protocol switch, never asked for
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim response's headers, skipped
+
+
+class _Handshake:
+    """An SSL context whose sockets are shown to ``cancel()`` before their handshake."""
+
+    def __init__(self, context: "Any", call: "_Call") -> None:
+        self._context, self._call = context, call
+
+    def wrap_socket(self, sock: "Any", server_hostname: "Optional[str]" = None,
+                    **options: "Any") -> "Any":
+        tls = self._context.wrap_socket(sock, server_hostname=server_hostname,
+                                        do_handshake_on_connect=False, **options)
+        self._call._attach(tls)
+        tls.do_handshake()
+        return tls
+
+    def __getattr__(self, name: str) -> "Any":  # check_hostname and the like
+        return getattr(self._context, name)
+
+
 class _Models(list):  # type: ignore[type-arg]
     """Model ids, with ``error`` and ``status`` as on a Response."""
 
@@ -550,12 +626,17 @@ class _Models(list):  # type: ignore[type-arg]
 
 
 class _Slot:
-    """A thread's idle connection, closed when the thread ends."""
+    """A thread's idle connection, closed when the thread ends.
 
-    __slots__ = ("connection",)
+    ``pid`` is the process that opened it: after a ``fork()`` the child has a
+    copy of the slot, and must never read from nor shut down its parent's socket.
+    """
+
+    __slots__ = ("connection", "pid")
 
     def __init__(self) -> None:
         self.connection = None  # type: Optional[http.client.HTTPConnection]
+        self.pid = 0
 
     def __del__(self) -> None:
         if self.connection is not None:
@@ -792,6 +873,7 @@ class _Call:
 
     def __init__(self, client: Client, stream: bool) -> None:
         self.client, self.stream = client, stream
+        self.pid = os.getpid()
         self.cancelled = False
         self.connection = None  # type: Optional[http.client.HTTPConnection]
         self.reply = None  # type: Optional[http.client.HTTPResponse]
@@ -806,6 +888,10 @@ class _Call:
         self.reasoning_field = "reasoning_content"
         self.on_reasoning = None  # type: Any  # out.write_reasoning, when out has it
         self.builders = []  # type: List[Dict[str, Any]]
+        self.by_index = {}  # type: Dict[Any, Dict[str, Any]]  # the last builder of each index
+        self.legacy_call = False  # the reply used the older function_call shape
+        self.refusal = []  # type: List[str]
+        self.unknown = None  # type: Any  # the first event that was no chunk: a failure, maybe
         self.finish = None  # type: Any
         self.usage = None  # type: Any
         self.model = self.id = ""
@@ -948,6 +1034,9 @@ class _Call:
         if self.deadline_at:
             timeout = min(timeout, self._remaining())
         connection.timeout = timeout
+        connection._create_connection = self._open  # type: ignore[attr-defined]
+        if client._scheme == "https":  # (without ssl, http.client has no HTTPSConnection)
+            connection._context = _Handshake(client._tls_context(), self)  # type: ignore[attr-defined]
         where = self._where()
         try:
             connection.connect()
@@ -968,6 +1057,29 @@ class _Call:
         sock.settimeout(client._read_timeout)
         if self.cancelled:
             raise _Failure("cancelled")
+
+    def _open(self, address: "Tuple[str, int]", timeout: "Any" = None,
+              source_address: "Any" = None) -> socket.socket:
+        """``socket.create_connection``, with each socket shown to ``cancel()`` before it
+        connects: shutting it down wakes a connect that waits (closing it would not)."""
+        problem = OSError("no address found for %s" % address[0])  # type: OSError
+        for family, kind, protocol, _, where in socket.getaddrinfo(
+                address[0], address[1], 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, protocol)
+            try:
+                self._attach(sock)
+                sock.settimeout(timeout)
+                sock.connect(where)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if self.cancelled or self.expired:
+                    raise _Failure("cancelled")
+                problem = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise problem
 
     def _attach(self, sock: "Any") -> None:
         with self.client._lock:  # cancel() reads it under the same lock
@@ -990,7 +1102,7 @@ class _Call:
     def _wake_up(self) -> None:
         if self.wake is not None:
             self.wake.set()
-        if self.sock is not None:
+        if self.sock is not None and self.pid == os.getpid():  # never a parent's socket
             try:  # shutdown wakes a recv blocked in another thread; close() would not
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
             except OSError:
@@ -1023,7 +1135,14 @@ class _Call:
         return remaining
 
     def _read(self, reply: "http.client.HTTPResponse", whole: bool = False) -> bytes:
-        """Read what is there (at most one buffer), as soon as anything is."""
+        """Read what is there (at most one buffer), as soon as anything is.
+
+        A cancel or the deadline ends the call here too, so that data that keeps
+        coming (or is already buffered) cannot keep it busy past either.
+        """
+        if self.cancelled or self.expired:
+            self.broken = True
+            raise _Failure("cancelled")
         try:
             return reply.read() if whole else reply.read1(_READ_SIZE)
         except http.client.IncompleteRead:
@@ -1034,7 +1153,7 @@ class _Call:
             raise _Failure(self._network_error(exc))
 
     def _read_events(self, reply: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
-        decoder = _SSEDecoder()
+        decoder = _SSEDecoder(self.client._max_bytes)
         budget = self.client._max_bytes
         data = data or self._read(reply)
         while True:
@@ -1048,6 +1167,7 @@ class _Call:
                 if text:
                     yield text
             if self.done:
+                self._check_replied()
                 self._drain(reply)
                 return
             if not data:
@@ -1055,6 +1175,7 @@ class _Call:
             data = self._read(reply)
         if self.cancelled:
             raise _Failure("cancelled")
+        self._check_replied()
         if self.finish is None:
             raise _Failure("stream ended before [DONE]" if budget < self.client._max_bytes
                            else "the server sent an empty reply")
@@ -1065,28 +1186,45 @@ class _Call:
             return None
         if kind == "error":
             raise _Failure(_message_of(payload) or "the server sent an error event")
-        if isinstance(payload, dict):
-            return self._apply(payload, "delta")
-        return None  # a data line that is not JSON: nothing to take from it
+        if not isinstance(payload, dict) or "choices" not in payload:
+            if self.unknown is None:  # no chunk: perhaps a failure in a shape of its own
+                self.unknown = payload
+            if not isinstance(payload, dict):
+                return None
+        return self._apply(payload, "delta")
+
+    def _check_replied(self) -> None:
+        """A stream that carried no reply at all but something else is that something's failure."""
+        if (self.unknown is not None and self.finish is None
+                and not (self.content or self.builders or self.refusal)):
+            said = _message_of(self.unknown) or json.dumps(self.unknown)
+            raise _Failure("the stream carried no reply, only: %s" % _clip(said.encode()))
 
     def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Any":
-        data = first + self._read_rest(reply, self.client._max_bytes - len(first))
+        text = self._read_rest(reply, first).decode("utf-8", "replace")  # the bytes go now
         try:
-            reply_object = _json(data.decode("utf-8", "replace"))
+            reply_object = _json(text, self.client._max_bytes)
+        except _Costly as exc:
+            raise _Failure(str(exc))
         except (ValueError, RecursionError):
-            raise _Failure("the server sent invalid JSON: %s" % _clip(data))
+            raise _Failure("the server sent invalid JSON: %s" % _clip(text.encode()))
         if not isinstance(reply_object, dict):
-            raise _Failure("the server sent JSON that is not an object: %s" % _clip(data))
+            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text.encode()))
+        if self.cancelled or self.expired:  # parsing took long: honour them before going on
+            raise _Failure("cancelled")
         return reply_object
 
-    def _read_rest(self, reply: "http.client.HTTPResponse", limit: int) -> bytes:
+    def _read_rest(self, reply: "http.client.HTTPResponse", first: bytes) -> bytes:
+        """The whole body, ``first`` (bytes already read) included, within max_bytes."""
+        limit = self.client._max_bytes - len(first)
         if reply.length is not None:
             if reply.length > limit:
                 self.broken = True
                 raise _Failure("response larger than max_bytes (%d bytes)"
                                % self.client._max_bytes)
-            return self._read(reply, whole=True)  # read() closes the reply: reusable
-        parts = []  # type: List[bytes]
+            rest = self._read(reply, whole=True)  # read() closes the reply: reusable
+            return first + rest if first else rest
+        parts = [first]
         while True:
             data = self._read(reply)
             if not data:
@@ -1183,6 +1321,12 @@ class _Call:
                     self._show_reasoning(thought)
         if delta.get("tool_calls"):
             self._add_tool_calls(delta["tool_calls"], whole=key == "message")
+        elif isinstance(delta.get("function_call"), dict):  # the older functions API
+            self.legacy_call = True
+            self._add_tool_calls([{"index": 0, "function": delta["function_call"]}], whole=False)
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            self.refusal.append(refusal)
         text = delta.get("content")
         if text and not isinstance(text, str):
             text = _text_of_parts(text)
@@ -1234,16 +1378,19 @@ class _Call:
 
     def _builder_for(self, index: "Any", call_id: str) -> "Dict[str, Any]":
         builders = self.builders
-        if isinstance(index, int) and not isinstance(index, bool):
-            for existing in builders[::-1]:
-                if existing["index"] == index:
-                    if not (call_id and existing["id"] and call_id != existing["id"]):
-                        return existing
-                    break  # the index was reused for a new call
+        indexed = isinstance(index, int) and not isinstance(index, bool)
+        if indexed:
+            existing = self.by_index.get(index)
+            if existing is not None and not (call_id and existing["id"] and call_id != existing["id"]):
+                return existing  # else the index was reused for a new call
         elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
             return builders[-1]  # no index: a fragment continues the last call
+        if len(builders) >= _MAX_TOOL_CALLS:
+            raise _Failure("the reply asks for more than %d tool calls" % _MAX_TOOL_CALLS)
         builder = {"index": index, "id": "", "type": "", "name": "", "arguments": []}
         builders.append(builder)
+        if indexed:
+            self.by_index[index] = builder
         return builder
 
     # ------------------------------------------------------------ the result
@@ -1268,6 +1415,8 @@ class _Call:
             reason = _STOP_REASONS.get(finish.lower(), finish)
             if reason == "stop" and self.builders:
                 reason = "tool_calls"  # some servers say "stop" when they call tools
+            elif reason == "stop" and self.refusal:
+                reason = "refusal"  # the model declined: say so, not an empty success
             response = Response(content, reason)
             if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
                 response.stop_reason = "error"  # the server gave up (OpenRouter: a provider failed)
@@ -1279,7 +1428,9 @@ class _Call:
                      "".join(builder["arguments"]), builder["type"] or "function")
             for number, builder in enumerate(self.builders)]
         response.reasoning = "".join(self.reasoning)
+        response.refusal = "".join(self.refusal)
         response._reasoning_field = self.reasoning_field
+        response._legacy_call = self.legacy_call
         response.model, response.id = self.model, self.id
         return response
 
@@ -1302,11 +1453,16 @@ class _SSEDecoder:
     stays whole and U+2028 inside JSON is no line end.
 
     The payload is the data parsed as JSON (``_DONE`` for ``[DONE]``; the text
-    when it is not JSON). A data line that completes a JSON object is taken at
-    once, so that servers which end events with a single newline still stream.
+    when it is not JSON). An event's first data line that is a whole JSON value
+    is taken at once, so that servers which end events with a single newline
+    still stream; a longer event waits for its blank line, so that no line is
+    parsed more than twice. One field beyond the spec: an ``error:`` line
+    (older llama.cpp builds) is an ``error`` event of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = _MAX_BYTES) -> None:
+        self._budget = budget  # for the cost of parsing one event (see _json)
+        self._depth = 0  # brackets open in the event's data so far, while it may be JSON
         self._partial = []  # type: List[bytes]  # the pieces of a line not ended yet
         self._after_cr = False
         self._started = False
@@ -1318,7 +1474,7 @@ class _SSEDecoder:
                 and not (self._partial or self._data or self._after_cr)
                 and chunk.find(b"\n") == len(chunk) - 2 and b"\r" not in chunk):
             kind, self._kind = self._kind or "message", ""  # the usual read: one whole event
-            return [(kind, _payload([chunk[6:-2]], eager=False))]
+            return [(kind, _payload([chunk[6:-2]], False, self._budget))]
         if self._after_cr:
             self._after_cr = False
             if chunk[:1] == b"\n":  # the second half of a CRLF split across reads
@@ -1361,49 +1517,91 @@ class _SSEDecoder:
         for line in lines:
             if line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
-                if line.endswith((b"}", b"]")) and (len(data) == 1 or _small(data)):
-                    payload = _payload(data, eager=True)  # complete JSON? take it now
-                    if payload is not None:
-                        events.append((self._kind or "message", payload))
-                        del data[:]
-                        self._kind = ""
+                payload = self._complete(data)  # complete JSON? take it now
+                if payload is not None:
+                    events.append((self._kind or "message", payload))
+                    del data[:]
+                    self._kind = ""
             elif not line:
                 if data:
-                    events.append((self._kind or "message", _payload(data, eager=False)))
+                    events.append((self._kind or "message", _payload(data, False, self._budget)))
                     del data[:]
                 self._kind = ""
             elif line[:1] != b":":  # not a comment
                 field, _, value = line.partition(b":")
-                if field == b"event":
-                    value = value[1:] if value[:1] == b" " else value
+                value = value[1:] if value[:1] == b" " else value
+                if field == b"data":  # "data" alone: an empty line of data, as the spec says
+                    data.append(b"")
+                elif field == b"event":
                     self._kind = value.decode("utf-8", "replace")
+                elif field == b"error":  # older llama.cpp: "error: {...}", then [DONE]
+                    events.append(("error", _payload([value], False, self._budget)))
         return events
 
 
-def _small(lines: "List[bytes]") -> bool:
-    """Whether an event of several data lines is small enough to try as JSON at each line.
+    def _complete(self, data: "List[bytes]") -> "Any":
+        """The event's data as JSON if its last line completes a JSON value, else None.
 
-    Trying a growing event at every line costs time quadratic in its size:
-    past this bound, an event waits for its blank line, as the spec says.
+        A value is complete where its brackets first balance: the data is parsed
+        there and nowhere else (one try per event), so that no line is parsed
+        twice. JSON strings hold no line break, so each line's brackets are
+        counted once, outside its strings.
+        """
+        line = data[-1]
+        if len(data) == 1:
+            if line.endswith((b"}", b"]")):  # the usual event: one line of JSON
+                payload = _payload(data, True, self._budget)
+                if payload is not None:
+                    return payload
+            self._depth = _depth(line) if line[:1] in (b"{", b"[") else 0
+            return None
+        if self._depth <= 0:  # not JSON, or its one try has failed: wait for the blank line
+            return None
+        self._depth += _depth(line)
+        if self._depth > 0:
+            return None
+        self._depth = 0
+        return _payload(data, True, self._budget)
+
+
+def _depth(line: bytes) -> int:
+    """Brackets opened minus brackets closed in a line of JSON, outside its strings."""
+    if b'"' in line:
+        import re  # loaded by json already
+
+        line = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b"", line)
+    return line.count(b"{") + line.count(b"[") - line.count(b"}") - line.count(b"]")
+
+
+def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
+    """An event's data parsed as JSON; when it is not JSON, None if eager, else the text.
+
+    Data too costly to parse (see ``_json``) is an ``{"error": ...}`` of its own.
     """
-    return len(lines) <= 64 and sum(map(len, lines)) <= 65536
-
-
-def _payload(lines: "List[bytes]", eager: bool) -> "Any":
-    """An event's data parsed as JSON; when it is not JSON, None if eager, else the text."""
     data = lines[0] if len(lines) == 1 else b"\n".join(lines)
     if data == b"[DONE]":
         return _DONE
     text = data.decode("utf-8", "replace")
     try:
-        return _json(text)
+        return _json(text, budget)
+    except _Costly as exc:
+        return {"error": str(exc)}
     except (ValueError, RecursionError):
         return None if eager else text
 
 
-def _json(text: str) -> "Any":
-    """``json.loads(text)``, quicker for plain objects and safe from huge integers."""
+class _Costly(ValueError):
+    """JSON whose objects would cost too much memory to parse."""
+
+
+def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
+    """``json.loads(text)``, quicker for plain objects and safe from huge integers.
+
+    Long text is parsed only when its objects fit in memory: ``_Costly`` else.
+    """
     if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
+        if len(text) > _CHECKED_SIZE:
+            _check_cost(text, budget)
         return json.loads(text, parse_int=_int)
     try:
         value, end = _raw_decode(text)  # no whitespace scans around it, as json.loads has
@@ -1412,6 +1610,25 @@ def _json(text: str) -> "Any":
     except ValueError:
         pass
     return json.loads(text)  # surrounding space, trailing text, not JSON: json.loads decides
+
+
+def _check_cost(text: str, budget: int) -> None:
+    """Refuse JSON whose parsing would take more than about 3 * budget bytes of memory.
+
+    The text and the strings parsed from it cost about twice its own size; each
+    other value (a tiny ``{}`` costs 64 bytes and more) at most _VALUE_COST. Every
+    value but the first follows a ``,``, ``:``, ``[`` or ``{``: counting those
+    bounds the values, first in the whole text, then outside its strings.
+    """
+    allowed = (3 * budget - 2 * sys.getsizeof(text)) // _VALUE_COST
+    if sum(map(text.count, ",:[{")) <= allowed:
+        return
+    import re  # loaded by json already
+
+    values = sum(map(re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text).count, ",:[{"))
+    if values > allowed:
+        raise _Costly("the reply is JSON of about %d values in %d characters: too many to parse"
+                      " within max_bytes (%d bytes)" % (values, len(text), budget))
 
 
 def _int(digits: str) -> "Any":
@@ -1460,10 +1677,20 @@ def _message_of(value: "Any", depth: int = 0) -> str:
 
 
 def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
-    """Usage with prompt, completion and total tokens, from any server's spelling."""
+    """Usage with prompt, completion and total tokens, from any server's spelling.
+
+    Only the counts are kept (and those in a nested object such as
+    ``completion_tokens_details``): whatever else a server nests there would
+    stay alive with the Response.
+    """
     if not isinstance(usage, dict):
         return None
-    tokens = usage.copy()  # type: Dict[str, Any]
+    tokens = _counts(usage)
+    for key, value in _first_items(usage):
+        if isinstance(value, dict) and key not in tokens and len(key) <= 64:
+            counts = _counts(value)
+            if counts:
+                tokens[key] = counts
     for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
         if ours not in tokens and theirs in tokens:
             tokens[ours] = tokens[theirs]
@@ -1471,6 +1698,19 @@ def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
     if "total_tokens" not in tokens and isinstance(prompt, int) and isinstance(completion, int):
         tokens["total_tokens"] = prompt + completion
     return tokens
+
+
+def _counts(value: "Dict[Any, Any]") -> "Dict[str, Any]":
+    """The numbers of a usage object, under names of a sensible length."""
+    return {key: number for key, number in _first_items(value)
+            if isinstance(number, (int, float)) and not isinstance(number, bool)
+            and isinstance(key, str) and len(key) <= 64}
+
+
+def _first_items(value: "Dict[Any, Any]") -> "Iterator[Tuple[Any, Any]]":
+    from itertools import islice  # loaded by collections already
+
+    return islice(value.items(), _MAX_USAGE_KEYS)
 
 
 def _retry_after(value: "Optional[str]") -> "Optional[float]":
