@@ -1792,7 +1792,7 @@ environment:
   LLM_BASE_URL (or OPENAI_BASE_URL, or OLLAMA_HOST), LLM_MODEL, LLM_API_KEY (or
   OPENAI_API_KEY); with nothing set the server is http://localhost:11434.
 
-exit status: 0 done, 1 failed, 2 bad arguments, 130 interrupted.
+exit status: 0 done, 1 failed (or the model refused), 2 bad arguments, 130 interrupted.
 """
 _CHAT_HELP = "/reset forgets the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply."
 
@@ -1837,7 +1837,9 @@ def _command(argv: "Optional[List[str]]") -> int:
         _complain("no prompt: give one as an argument or pipe it in (see --help)")
         return 2
     reply = _interruptible(client, [{"role": "user", "content": prompt}], options, params)
-    return 0 if reply.ok else 130 if reply.stop_reason == "cancelled" else 1
+    if reply.stop_reason == "cancelled":
+        return 130
+    return 0 if reply.ok and not reply.refusal else 1
 
 
 def _arguments(argv: "Optional[List[str]]") -> "Any":
@@ -2056,13 +2058,17 @@ def _as_json(reply: Response) -> "Dict[str, Any]":
     return {"content": reply.content, "stop_reason": reply.stop_reason, "error": reply.error,
             "status": reply.status, "model": reply.model, "id": reply.id, "usage": reply.usage,
             "tool_calls": [call.to_dict() for call in reply.tool_calls],
-            "reasoning": reply.reasoning}
+            "reasoning": reply.reasoning, "refusal": reply.refusal}
 
 
 def _report(reply: Response) -> None:
     """Say on stderr why a reply ended early."""
     if reply.stop_reason == "error":
         _complain(reply.error)
+    elif reply.refusal:
+        console = _Console(sys.stderr)
+        console.end_line()
+        console.write("refusal: %s\n" % reply.refusal)
     elif reply.stop_reason == "cancelled":
         _Console(sys.stderr).write("[stopped]\n")
     elif reply.stop_reason == "length" and _is_terminal(sys.stderr):

@@ -111,6 +111,16 @@ class OnePromptTest(CommandLineCase):
         self.assertEqual(body["messages"], [{"role": "user", "content": "Why is the sky blue?"}])
         self.assertIs(body["stream"], True)
 
+    def test_a_refusal_is_shown_on_stderr_with_status_1(self):
+        server = self.serve(sse(delta(None, refusal="I can't help with that."), delta(None, "stop")))
+        result = self.run_cli("Do something bad", server=server)
+        self.assertEqual((result.status, result.out, result.err),
+                         (1, "", "refusal: I can't help with that.\n"))
+        result = self.run_cli("--json", "Do something bad", server=server)
+        self.assertEqual(result.status, 1)
+        self.assertEqual(json.loads(result.out)["refusal"], "I can't help with that.")
+        self.assertEqual(json.loads(result.out)["stop_reason"], "refusal")
+
     def test_words_of_the_prompt_are_joined(self):
         server = self.serve(sse(delta("ok", "stop")))
         self.run_cli("Why", "is", "the", "sky", "blue?", server=server)

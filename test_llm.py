@@ -1440,6 +1440,352 @@ class StreamTest(LoopbackCase):
         self.assertEqual(stream.response.error, "HTTP 500: nope")
 
 
+# ---------------------------------------------------------------- a response is this call's answer
+
+
+def say(text):
+    return [{"role": "user", "content": text}]
+
+
+def echo(request):
+    """An answer that repeats the request's last message: each call can tell its own."""
+    return answer(message(request.json()["messages"][-1]["content"]))
+
+
+def say_in_child(text):
+    """For the multiprocessing test: one call on the module-level client."""
+    return llm.chat(say(text)).content
+
+
+class ForkTest(LoopbackCase):
+    """A kept-alive connection never crosses a fork(): every answer is the caller's own."""
+
+    def setUp(self):
+        if not hasattr(os, "fork"):
+            self.skipTest("this platform has no fork()")
+        warnings = __import__("warnings")
+        catcher = warnings.catch_warnings()
+        catcher.__enter__()  # Python 3.12 warns about fork() in a process with threads
+        self.addCleanup(catcher.__exit__, None, None, None)
+        warnings.simplefilter("ignore", DeprecationWarning)
+
+    def fork(self, work):
+        """Run work() in a forked child; return its pid. The child exits 0 when work() is true."""
+        pid = os.fork()
+        if pid == 0:  # the child: never return into the test runner
+            status = 3
+            try:
+                status = 0 if work() else 1
+            except BaseException:
+                status = 2
+            finally:
+                os._exit(status)
+        return pid
+
+    def wait(self, pids):
+        """The children's exit statuses, waiting 30 s at most."""
+        statuses, give_up = {}, time.monotonic() + 30
+        while len(statuses) < len(pids) and time.monotonic() < give_up:
+            for pid in pids:
+                if pid not in statuses:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status
+            time.sleep(0.01)
+        for pid in set(pids) - set(statuses):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        return [statuses.get(pid, "hung") for pid in pids]
+
+    def test_children_and_parent_each_get_their_own_answers(self):
+        server = self.serve(echo)
+        client = self.client(server)
+        self.assertEqual(client.chat(say("parent")).content, "parent")  # an idle connection now
+
+        def child(number):
+            return lambda: all(client.chat(say("child %d, call %d" % (number, call))).content
+                               == "child %d, call %d" % (number, call) for call in range(5))
+        pids = [self.fork(child(number)) for number in range(4)]
+        answers = [client.chat(say("parent %d" % call)).content for call in range(5)]
+        self.assertEqual(self.wait(pids), [0] * 4)
+        self.assertEqual(answers, ["parent %d" % call for call in range(5)])
+        self.assertEqual(server.connections, 5)  # the parent kept its own; each child opened one
+
+    def test_a_child_that_closes_the_client_leaves_the_parents_connection_working(self):
+        server = self.serve(echo)
+        client = self.client(server)
+        self.assertEqual(client.chat(say("before")).content, "before")
+        self.assertEqual(self.wait([self.fork(lambda: client.close() or True)]), [0])
+        self.assertEqual(client.chat(say("after")).content, "after")
+        self.assertEqual(server.connections, 1)
+
+    def test_a_child_that_cancels_does_not_shut_down_the_parents_call(self):
+        server = self.serve(sse(delta("a"), 0.5, delta("b", "stop")))
+        client = self.client(server)
+        thread, results = in_thread(client.chat_stream, HI, Writes())
+        for _ in range(200):  # until the call is in flight
+            if client._active and next(iter(client._active)).sock is not None:
+                break
+            time.sleep(0.01)
+        self.assertEqual(self.wait([self.fork(lambda: client.cancel() or True)]), [0])
+        thread.join(10)
+        self.assertEqual((results[0].content, results[0].stop_reason), ("ab", "stop"))
+
+    def test_multiprocessing_workers_get_their_own_answers_from_the_module_functions(self):
+        import multiprocessing
+
+        server = self.serve(echo)
+        environment = {"LLM_BASE_URL": server.url, "LLM_MODEL": "m", "LLM_API_KEY": ""}
+        with mock.patch.dict(os.environ, environment):
+            self.assertEqual(say_in_child("parent"), "parent")  # the shared client has a connection
+            pool = multiprocessing.get_context("fork").Pool(3)
+            try:
+                texts = ["worker call %d" % number for number in range(12)]
+                self.assertEqual(pool.map_async(say_in_child, texts).get(30), texts)
+            finally:
+                pool.terminate()
+                pool.join()
+            self.assertEqual(say_in_child("parent again"), "parent again")
+
+
+class InterimResponseTest(LoopbackCase):
+    """Interim (1xx) responses are skipped; a connection is reused only after a whole final answer."""
+
+    EARLY = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    PROCESSING = b"HTTP/1.1 102 Processing\r\n\r\n"
+    CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def test_any_number_of_interim_responses_before_the_answer(self):
+        for interim in ([self.EARLY], [self.PROCESSING], [self.PROCESSING, 0.05, self.PROCESSING,
+                                                          self.EARLY], [self.CONTINUE, self.EARLY]):
+            with self.subTest(interim=interim):
+                server = self.serve(lambda request: interim + echo(request))
+                client = self.client(server)
+                for text in ("one", "two", "three"):
+                    response = client.chat(say(text))
+                    self.assertEqual((response.content, response.status, response.error),
+                                     (text, 200, ""))
+                self.assertEqual(server.connections, 1)
+
+    def test_interim_responses_before_a_stream(self):
+        def stream(request):
+            text = request.json()["messages"][-1]["content"]
+            return [self.PROCESSING, self.EARLY] + sse(delta(text, "stop"))
+        client = self.client(self.serve(stream))
+        for text in ("one", "two"):
+            response = client.chat_stream(say(text), Writes())
+            self.assertEqual((response.content, response.stop_reason), (text, "stop"))
+
+    def test_interim_headers_split_across_sends(self):
+        steps = [self.EARLY[:10], 0.05, self.EARLY[10:30], 0.05, self.EARLY[30:]]
+        client = self.client(self.serve(lambda request: steps + echo(request)))
+        self.assertEqual([client.chat(say(t)).content for t in ("a", "b")], ["a", "b"])
+
+    def test_bytes_the_server_sends_after_an_answer_are_never_the_next_answer(self):
+        stray = answer(message("stray"))[0]
+        server = self.serve(lambda request: echo(request) + [0.02, stray])
+        client = self.client(server)
+        for text in ("one", "two", "three"):
+            self.assertEqual(client.chat(say(text)).content, text)
+            time.sleep(0.1)  # the stray answer arrives while the connection is idle
+
+    def test_a_connection_is_not_reused_after_an_answer_cut_short(self):
+        body = json.dumps(message("whole")).encode()
+        cut = [head(200, "application/json", chunked=False, length=len(body) + 10) + body, CLOSE]
+        server = self.serve(cut, echo)
+        client = self.client(server)
+        self.assertIn("connection", client.chat(say("one")).error)
+        self.assertEqual(client.chat(say("two")).content, "two")
+        self.assertEqual(server.connections, 2)
+
+    def test_a_switching_protocols_answer_is_an_error_not_skipped(self):
+        server = self.serve([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", HANG])
+        response = self.client(server, deadline=5).chat(HI)
+        self.assertEqual((response.stop_reason, response.status), ("error", 101))
+
+
+class RefusalTest(LoopbackCase):
+    """A refusal is reported, never an empty success."""
+
+    def test_streamed_refusal(self):
+        response, writes, _ = self.stream(sse(
+            delta(role="assistant", content=None, refusal=""), delta(None, refusal="I'm sorry, "),
+            delta(None, refusal="I can't help with that."), delta(None, "stop")))
+        self.assertEqual((response.stop_reason, response.ok, response.content, writes),
+                         ("refusal", True, "", []))
+        self.assertEqual(response.refusal, "I'm sorry, I can't help with that.")
+        self.assertEqual(response.to_message(), {"role": "assistant", "content": None,
+                                                 "refusal": "I'm sorry, I can't help with that."})
+
+    def test_refusal_in_a_whole_reply(self):
+        server = self.serve(answer(message(None, "stop", refusal="No.")))
+        response = self.client(server).chat(HI)
+        self.assertEqual((response.stop_reason, response.refusal, response.content),
+                         ("refusal", "No.", ""))
+
+    def test_no_refusal_is_empty_and_not_in_the_message(self):
+        response, _, _ = self.stream(sse(delta("Hi", "stop", refusal=None)))
+        self.assertEqual((response.refusal, response.stop_reason), ("", "stop"))
+        self.assertNotIn("refusal", response.to_message())
+
+    def test_a_refusal_cut_by_the_token_limit_keeps_that_reason(self):
+        response, _, _ = self.stream(sse(delta(None, refusal="I can"), delta(None, "length")))
+        self.assertEqual((response.stop_reason, response.refusal), ("length", "I can"))
+
+
+class LegacyFunctionCallTest(LoopbackCase):
+    """The older functions API: function_call is a tool call, given back in its own shape."""
+
+    def test_streamed_function_call(self):
+        response, _, _ = self.stream(sse(
+            delta(role="assistant", content=None, function_call={"name": "get_weather", "arguments": ""}),
+            delta(None, function_call={"arguments": '{"city"'}),
+            delta(None, function_call={"arguments": ': "Paris"}'}),
+            delta(None, "function_call")))
+        self.assertEqual(response.stop_reason, "tool_calls")
+        self.assertEqual([(c.name, c.arguments, c.args) for c in response.tool_calls],
+                         [("get_weather", '{"city": "Paris"}', {"city": "Paris"})])
+        self.assertEqual(response.to_message(), {
+            "role": "assistant", "content": None,
+            "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}})
+
+    def test_function_call_in_a_whole_reply_and_the_round_trip(self):
+        call = {"name": "get_time", "arguments": "{}"}
+        server = self.serve(answer(message(None, "function_call", function_call=call)),
+                            answer(message("Noon")))
+        client = self.client(server)
+        reply = client.chat(HI, functions=[{"name": "get_time", "parameters": {"type": "object"}}])
+        self.assertEqual((reply.stop_reason, [c.name for c in reply.tool_calls]),
+                         ("tool_calls", ["get_time"]))
+        history = HI + [reply.to_message(), {"role": "function", "name": "get_time", "content": "12:00"}]
+        self.assertEqual(client.chat(history).content, "Noon")
+        self.assertEqual(server.requests[1].json()["messages"][1],
+                         {"role": "assistant", "content": None, "function_call": call})
+
+
+class InBandFailureTest(LoopbackCase):
+    """Every failure a stream carries is an error, whatever its shape."""
+
+    def test_older_llama_cpp_error_field(self):
+        body = (b'error: {"code":400,"message":"the request exceeds the available context size",'
+                b'"type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n')
+        for framing in (raw_sse(body), raw_sse(body, chunked=False), raw_sse(body.replace(b"\n", b"\r\n"))):
+            response, _, _ = self.stream(framing)
+            self.assertEqual((response.stop_reason, response.error),
+                             ("error", "the request exceeds the available context size"))
+
+    def test_a_stream_of_nothing_but_a_failure_is_an_error(self):
+        cases = {b'data: {"detail": "Internal error in the worker"}\n\n': "Internal error in the worker",
+                 b'data: {"status": "failed", "message": "model crashed"}\n\n': "model crashed",
+                 b"data: upstream timed out\n\n": "upstream timed out",
+                 b'data: {"oops": 1}\n\n': '{"oops": 1}'}
+        for body, said in cases.items():
+            with self.subTest(body=body):
+                response, _, _ = self.stream(raw_sse(body + b"data: [DONE]\n\n"))
+                self.assertEqual(response.stop_reason, "error")
+                self.assertIn(said, response.error)
+                response, _, _ = self.stream(raw_sse(body, chunked=False))  # no [DONE] either
+                self.assertEqual(response.stop_reason, "error")
+                self.assertIn(said, response.error)
+
+    def test_other_events_beside_a_reply_change_nothing(self):
+        body = event({"note": "warming up"}) + event(delta("Hi", "stop")) + b"data: [DONE]\n\n"
+        response, _, _ = self.stream(raw_sse(body))
+        self.assertEqual((response.content, response.stop_reason, response.error), ("Hi", "stop", ""))
+
+
+class SSEFieldRulesTest(LoopbackCase):
+    """The WHATWG field rules, and a CRLF split across reads, shown where they change the result."""
+
+    def test_data_without_a_colon_is_an_empty_data_line(self):
+        self.assertEqual(decode(b"data\ndata\n\n"), [("message", "\n")])
+        self.assertEqual(decode(b"data: a\ndata\ndata: b\n\n"), [("message", "a\n\nb")])
+        self.assertEqual(decode(b"data\n\n"), [("message", "")])
+
+    def test_a_crlf_split_across_reads_is_one_line_end(self):
+        body = b"data: first\r\ndata: second\r\n\r\ndata: third\r\n\r\n"
+        expected = [("message", "first\nsecond"), ("message", "third")]
+        for cut in [i + 1 for i in range(len(body)) if body[i:i + 1] == b"\r"]:
+            self.assertEqual(decode(body, [cut]), expected, "cut after byte %d" % cut)
+
+    def test_a_crlf_split_across_reads_inside_a_multiline_json_event(self):
+        body = (b'data: {"choices": [{"index": 0,\r\ndata: "delta": {"content": "x"},\r\n'
+                b'data: "finish_reason": "stop"}]}\r\n\r\ndata: [DONE]\r\n\r\n')
+        for cut in [i + 1 for i in range(len(body)) if body[i:i + 1] == b"\r"]:
+            response, _, _ = self.stream([head(), chunk(body[:cut]), 0.02, chunk(body[cut:]), END])
+            self.assertEqual((response.content, response.stop_reason), ("x", "stop"), cut)
+
+    def test_an_event_type_split_from_its_data_by_a_crlf_across_reads(self):
+        body = b"event: error\r\ndata: the model is overloaded\r\n\r\n"
+        cut = body.index(b"\r") + 1
+        response, _, _ = self.stream([head(), chunk(body[:cut]), 0.02, chunk(body[cut:]), END])
+        self.assertEqual(response.error, "the model is overloaded")
+
+
+class CancelWhileConnectingTest(LoopbackCase):
+    """cancel() and Stream.close() wake a call blocked in the TCP connect or the TLS handshake."""
+
+    def backlogged_url(self):
+        """A URL whose TCP connect hangs: its listener's backlog is full and it never accepts."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        self.addCleanup(listener.close)
+        address = listener.getsockname()
+        for _ in range(8):  # fill the queue until a connect hangs
+            probe = socket.socket()
+            self.addCleanup(probe.close)
+            probe.settimeout(0.2)
+            try:
+                probe.connect(address)
+            except socket.timeout:
+                return "http://127.0.0.1:%d" % address[1]
+        self.skipTest("this system does not make a connect wait on a full backlog")
+
+    def silent_tls_url(self):
+        """An https URL whose server accepts the connection and never says a word."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        self.addCleanup(listener.close)
+        accepted = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+        thread.start()
+        self.addCleanup(lambda: [sock.close() for sock in accepted])
+        return "https://127.0.0.1:%d" % listener.getsockname()[1]
+
+    def assert_woken(self, url, end):
+        """Start a call to url, end it with end(client, call) once it waits; it returns at once."""
+        client = self.client(url, timeout=(120, 5), ca_file=CA_FILE)
+        stream = client.stream(HI)
+        thread, results = in_thread(lambda: (list(stream), stream.response)[1])
+        for _ in range(300):  # until the call waits on its socket
+            calls = list(client._active)
+            if calls and calls[0].sock is not None:
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)
+        end(client, stream)
+        thread.join(20)  # far below the 120 s connect timeout
+        self.assertFalse(thread.is_alive(), "the call was not woken")
+        self.assertEqual(results[0].stop_reason, "cancelled")
+
+    def test_cancel_wakes_a_tcp_connect(self):
+        self.assert_woken(self.backlogged_url(), lambda client, stream: client.cancel())
+
+    def test_stream_close_wakes_a_tcp_connect(self):
+        self.assert_woken(self.backlogged_url(), lambda client, stream: stream.close())
+
+    def test_cancel_wakes_a_tls_handshake(self):
+        self.assert_woken(self.silent_tls_url(), lambda client, stream: client.cancel())
+
+    def test_the_client_still_connects_after_a_cancelled_connect(self):
+        url = self.backlogged_url()
+        self.assert_woken(url, lambda client, stream: client.cancel())
+        server = self.serve(answer(message("fine")))
+        self.assertEqual(self.client(server).chat(HI).content, "fine")
+
+
 def free_port():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
