@@ -1500,6 +1500,7 @@ class _SSEDecoder:
             chunk = b"".join(self._partial)
             self._partial = []
         lines = chunk.split(b"\n")
+        del chunk  # a long line is held once, not twice
         rest = lines.pop()
         if rest:
             self._partial.append(rest)
@@ -1514,9 +1515,10 @@ class _SSEDecoder:
     def _lines(self, lines: "List[bytes]") -> "List[Tuple[str, Any]]":
         events = []
         data = self._data
-        for line in lines:
+        for number, line in enumerate(lines):
             if line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
+                lines[number] = line = b""  # a long line is held once, not twice
                 payload = self._complete(data)  # complete JSON? take it now
                 if payload is not None:
                     events.append((self._kind or "message", payload))
@@ -1566,11 +1568,17 @@ class _SSEDecoder:
 
 def _depth(line: bytes) -> int:
     """Brackets opened minus brackets closed in a line of JSON, outside its strings."""
+    depth = _brackets(line)
     if b'"' in line:
         import re  # loaded by json already
 
-        line = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b"", line)
-    return line.count(b"{") + line.count(b"[") - line.count(b"}") - line.count(b"]")
+        for string in re.finditer(rb'"[^"\\]*(?:\\.[^"\\]*)*"', line):
+            depth -= _brackets(string.group())
+    return depth
+
+
+def _brackets(data: bytes) -> int:
+    return data.count(b"{") + data.count(b"[") - data.count(b"}") - data.count(b"]")
 
 
 def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
@@ -1581,8 +1589,11 @@ def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
     data = lines[0] if len(lines) == 1 else b"\n".join(lines)
     if data == b"[DONE]":
         return _DONE
-    text = data.decode("utf-8", "replace")
     try:
+        if len(data) > _CHECKED_SIZE:
+            _check_cost(data, budget)  # before decoding: refused data costs no text
+        text = data.decode("utf-8", "replace")
+        del data
         return _json(text, budget)
     except _Costly as exc:
         return {"error": str(exc)}
@@ -1612,23 +1623,32 @@ def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
     return json.loads(text)  # surrounding space, trailing text, not JSON: json.loads decides
 
 
-def _check_cost(text: str, budget: int) -> None:
+def _check_cost(text: "Union[str, bytes]", budget: int) -> None:
     """Refuse JSON whose parsing would take more than about 3 * budget bytes of memory.
 
     The text and the strings parsed from it cost about twice its own size; each
     other value (a tiny ``{}`` costs 64 bytes and more) at most _VALUE_COST. Every
-    value but the first follows a ``,``, ``:``, ``[`` or ``{``: counting those
-    bounds the values, first in the whole text, then outside its strings.
+    value but the first follows a ``,``, ``:``, ``[`` or ``{``, or is a string:
+    counting those bounds the values, first in the whole text, then (for text
+    with many such characters inside its strings) token by token, stopping as
+    soon as there are too many.
     """
     allowed = (3 * budget - 2 * sys.getsizeof(text)) // _VALUE_COST
-    if sum(map(text.count, ",:[{")) <= allowed:
+    marks = (",", ":", "[", "{", '"') if isinstance(text, str) else (b",", b":", b"[", b"{", b'"')
+    counts = [text.count(mark) for mark in marks]  # type: ignore[arg-type]
+    if sum(counts[:4]) + counts[4] // 2 <= allowed:
         return
     import re  # loaded by json already
+    from itertools import islice
 
-    values = sum(map(re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text).count, ",:[{"))
+    pattern = r'"[^"\\]*(?:\\.[^"\\]*)*"|[,:\[{]'
+    tokens = re.finditer(pattern if isinstance(text, str) else pattern.encode(), text)  # type: ignore
+    values = 0
+    for values, _ in enumerate(islice(tokens, allowed + 1), 1):
+        pass
     if values > allowed:
-        raise _Costly("the reply is JSON of about %d values in %d characters: too many to parse"
-                      " within max_bytes (%d bytes)" % (values, len(text), budget))
+        raise _Costly("the reply is JSON of more than %d values in %d bytes: too many to parse"
+                      " within max_bytes (%d bytes)" % (allowed, len(text), budget))
 
 
 def _int(digits: str) -> "Any":

@@ -34,7 +34,7 @@ from unittest import mock
 
 import llm
 from test_llm import (CLOSE, END, HANG, RESET, LoopbackCase, Server, Writes, answer, chunk, delta,
-                      free_port, head, message, sse)
+                      free_port, head, message, raw_sse, sse)
 
 try:
     import hypothesis
@@ -47,7 +47,7 @@ HI = [{"role": "user", "content": "Hi"}]
 KEY = "sk-hostile-SECRET-0123456789abcdef"
 MIB = 1024 * 1024
 SAFE_HOSTS = ("127.0.0.1", "localhost", "::1")
-REASONS = ("stop", "length", "tool_calls", "content_filter", "error", "cancelled")
+REASONS = ("stop", "length", "tool_calls", "content_filter", "refusal", "error", "cancelled")
 
 def examples(weight):
     """How many examples a property tries: LLM_FUZZ_EXAMPLES, else a quarter of its weight."""
@@ -1093,6 +1093,147 @@ class EdgeTest(HostileCase):
             self.assertIn(response.content, ("", "a", "ab"))
             self.assertEqual(response.content == "ab" and response.ok,
                              response.stop_reason == "stop", repr(type(out)))
+
+
+# ---------------------------------------------------------------- bounded work
+
+
+def cpu_seconds(function):
+    """The least process CPU time of three runs of function."""
+    times = []
+    for _ in range(3):
+        started = time.process_time()
+        function()
+        times.append(time.process_time() - started)
+    return min(times)
+
+
+def tool_call_stream(calls, fragments):
+    """An event stream of calls tool calls, each sent as its start and then fragments pieces."""
+    body = []
+    for index in range(calls):
+        start = {"index": index, "id": "call_%d" % index, "type": "function",
+                 "function": {"name": "f", "arguments": ""}}
+        body.append(event(delta(tool_calls=[start])))
+    for _ in range(fragments):
+        for index in range(calls):
+            body.append(event(delta(tool_calls=[{"index": index, "function": {"arguments": " "}}])))
+    body.append(event(delta(None, "tool_calls")) + b"data: [DONE]\n\n")
+    data = b"".join(body)
+    return [head(chunked=False, length=len(data)), data]
+
+
+class BoundedWorkTest(HostileCase):
+    """CPU grows linearly with the bytes received; memory stays within 3 x max_bytes."""
+
+    # found: tool-call assembly scanned every earlier call for each fragment
+    # (8,000 indexed calls in 630 KB: 4.8 s; four times the input: fifteen times the time)
+    def test_more_tool_calls_than_the_cap_is_a_clear_error(self):
+        for style in ("stream", "whole"):
+            calls = [{"index": n, "id": "c%d" % n, "function": {"name": "f", "arguments": "{}"}}
+                     for n in range(8000)]
+            steps = (tool_call_stream(8000, 0) if style == "stream"
+                     else answer(message(None, "tool_calls", tool_calls=calls)))
+            client = self.client(self.serve(steps), deadline=30)
+            response, _ = bounded(self, client.chat_stream if style == "stream" else
+                                  (lambda messages, out: client.chat(messages)), 60, HI, Writes())
+            check_response(self, response)
+            self.assertEqual(response.error, "the reply asks for more than %d tool calls"
+                             % llm._MAX_TOOL_CALLS, style)
+            self.assertEqual(len(response.tool_calls), llm._MAX_TOOL_CALLS)
+
+    def test_tool_call_fragments_cost_linear_time(self):
+        client = self.client(self.serve(tool_call_stream(200, 5), tool_call_stream(200, 20)))
+        small = cpu_seconds(lambda: client.chat_stream(HI, Writes()))
+        client = self.client(self.serve(tool_call_stream(200, 20)))
+        large = cpu_seconds(lambda: client.chat_stream(HI, Writes()))
+        response = client.chat_stream(HI, Writes())
+        self.assertEqual((len(response.tool_calls), response.tool_calls[0].arguments), (200, " " * 20))
+        self.assertLess(large / max(small, 1e-3), 8, "4x the fragments: %.1fx the time" % (large / small))
+
+    # found: an event of up to 64 data lines that each end in } or ] was joined and
+    # parsed again at every line
+    def test_each_data_line_is_parsed_at_most_twice(self):
+        parsed = []
+        real_json = llm._json
+
+        def counting(text, *args):
+            parsed.append(len(text))
+            return real_json(text, *args)
+        bodies = {"lines ending in }": b"".join(b"data: x%04d}\n" % n for n in range(64)) + b"\n",
+                  "deep brackets": b"data: {\n" + b"data: [1, 2]}\n" * 63 + b"\n",
+                  "no JSON": b"data: {]\n" * 64 + b"\n",
+                  "one pretty JSON": b'data: {\n' + b'data: "a": [1,\n' * 31 + b'data: 1' + b']' * 31
+                  + b'}\n\n'}
+        for name, body in bodies.items():
+            with self.subTest(name), mock.patch.object(llm, "_json", counting):
+                del parsed[:]
+                stream = body * 50
+                llm._SSEDecoder().feed(stream)
+                self.assertLessEqual(sum(parsed), 2 * len(stream), name)
+
+    def test_the_deadline_bounds_work_on_data_that_keeps_coming(self):
+        piece = event(delta("x" * 100)) * 600  # 60 KB of content per send, as fast as it goes
+        client = self.client(self.serve(lazy(head(chunked=False), piece, 60 * MIB)),
+                             deadline=0.5, max_bytes=100 * MIB)
+        response, _ = bounded(self, client.chat_stream, 60, HI, Writes())
+        check_response(self, response)
+        self.assertEqual(response.error, "deadline of 0.5s exceeded")
+        self.assertLess(len(response.content), 40 * MIB)
+
+    def assert_memory_bounded(self, call, limit):
+        response, peak = self.assert_bounded_peak(call, 3 * limit + MIB)
+        check_response(self, response)
+        return response
+
+    SHAPES = {"tiny objects": b"{},", "tiny lists": b"[],", "floats": b"1.5,", "short strings": b'"ab",',
+              "nested": b'[{"a":[{}]}],', "numbers": b"1000,"}
+
+    # found: JSON of tiny containers costs ~27x its size as Python objects
+    # (a 16 MiB body peaked at 440-500 MiB)
+    def test_a_whole_reply_of_any_shape_stays_within_three_times_max_bytes(self):
+        limit = 4 * MIB
+        for name, item in self.SHAPES.items():
+            with self.subTest(name):
+                junk = b"[" + item * ((limit - 200) // len(item)) + b"0]"
+                body = b'{"choices": [{"message": {"content": "hi"}}], "junk": ' + junk + b"}"
+                steps = [head(200, "application/json", chunked=False, length=len(body)) + body]
+                client = self.client(self.serve(steps), max_bytes=limit + 100)
+                response = self.assert_memory_bounded(lambda: client.chat(HI), limit)
+                if response.ok:
+                    self.assertEqual(response.content, "hi")
+                else:
+                    self.assertIn("too many to parse within max_bytes", response.error)
+
+    def test_one_event_of_any_shape_stays_within_three_times_max_bytes(self):
+        limit = 4 * MIB
+        for name, item in self.SHAPES.items():
+            with self.subTest(name):
+                junk = b"[" + item * ((limit - 200) // len(item)) + b"0]"
+                body = (b'data: {"choices": [{"delta": {"content": "hi"}}], "junk": ' + junk
+                        + b"}\n\ndata: [DONE]\n\n")
+                client = self.client(self.serve(raw_sse(body, chunked=False)), max_bytes=limit + 100)
+                response = self.assert_memory_bounded(lambda: client.chat_stream(HI, Writes()), limit)
+                if response.ok:
+                    self.assertEqual(response.content, "hi")
+                else:
+                    self.assertIn("too many to parse within max_bytes", response.error)
+
+    def test_a_long_reply_with_ordinary_text_is_still_read(self):
+        text = "Commas, colons: [brackets] and {braces}, all in a string. " * 40000  # 2.3 MB
+        client = self.client(self.serve(answer(message(text))), max_bytes=4 * MIB)
+        response = self.assert_memory_bounded(lambda: client.chat(HI), 4 * MIB)
+        self.assertEqual(response.content, text)
+
+    # found: a huge usage object stayed alive in the Response
+    def test_usage_keeps_only_the_token_counts(self):
+        usage = {"prompt_tokens": 3, "completion_tokens": 2, "junk": "x" * MIB,
+                 "completion_tokens_details": {"reasoning_tokens": 1, "junk": ["y"] * 1000},
+                 "nested": {"deeper": {"deepest": list(range(1000))}}}
+        for steps in (answer(message("a", usage=usage)), sse(delta("a", "stop"), {"choices": [], "usage": usage})):
+            response = self.client(self.serve(steps)).chat_stream(HI, Writes())
+            self.assertEqual(response.usage, {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                                              "completion_tokens_details": {"reasoning_tokens": 1}})
 
 
 # ---------------------------------------------------------------- properties (hypothesis)
