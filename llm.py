@@ -508,7 +508,7 @@ class Client:
         tunnel = self._proxy[2] if self._proxy else {}  # CONNECT's Proxy-Authorization
         self._secrets = _secret_forms([self._api_key] + [
             value for name, value in list(sent.items()) + list(tunnel.items())
-            if _is_credential(name)])
+            + _query_fields(self._chat_path) if _is_credential(name)])
 
     def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
         body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
@@ -725,6 +725,17 @@ def _shown_url(url: str) -> str:
         if equals and value and _is_credential(name):
             fields[number] = name + "=***"
     return scheme + slashes + rest + "?" + "&".join(fields) + hash_mark + fragment
+
+
+def _query_fields(url: str) -> "List[Tuple[str, str]]":
+    """The ``name=value`` fields of a URL's query, each value also percent-decoded."""
+    from urllib.parse import unquote
+
+    fields = []
+    for field in url.partition("?")[2].partition("#")[0].split("&"):
+        name, _, value = field.partition("=")
+        fields += [(name, value), (name, unquote(value))]
+    return fields
 
 
 def _is_credential(name: str) -> bool:
