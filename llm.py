@@ -612,7 +612,8 @@ def chat(messages: "List[Any]", **params: "Any") -> Response:
 
     ``LLM_BASE_URL`` (or ``OPENAI_BASE_URL``, or ``OLLAMA_HOST``; default
     ``http://localhost:11434``), ``LLM_MODEL``, ``LLM_API_KEY`` (or
-    ``OPENAI_API_KEY``). The client and its connections are reused.
+    ``OPENAI_API_KEY``; each key only for the server it is paired with).
+    The client and its connections are reused.
     """
     return _environment_client().chat(messages, **params)
 
