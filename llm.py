@@ -411,7 +411,8 @@ class Client:
             except Exception as exc:
                 if response.ok:
                     response.stop_reason = "error"
-                    response.error = "writing the reply failed: " + _describe(exc)
+                    response.error = _one_line(call._redacted(
+                        "writing the reply failed: " + _describe(exc)))
         return response
 
     def stream(self, messages: "List[Any]", **params: "Any") -> Stream:

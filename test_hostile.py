@@ -663,6 +663,18 @@ class HostileServerTest(HostileCase):
                 self.assertLessEqual(len(response.error), 300)
             self.assertEqual(len(server.requests), len(texts))
 
+    def test_a_relay_that_fails_at_its_end_gives_one_redacted_line(self):
+        class Failing:
+            def write(self, text):
+                if "[DONE]" in text:
+                    raise OSError("gone\n" + "x" * 400 + " " + KEY)
+        server = self.serve(sse(delta("a", "stop")))
+        response = self.client(server, api_key=KEY).chat_stream(HI, llm.SSEWriter(Failing()))
+        self.assertEqual(response.stop_reason, "error")
+        self.assertTrue(response.error.startswith("writing the reply failed: OSError: gone x"))
+        self.assertLessEqual(len(response.error), 300)
+        self.assertNotIn(KEY[:8], response.error)
+
     def test_proxy_credentials_and_credential_headers_are_redacted(self):
         from test_llm import Proxy
         secrets = {"Authorization": "Basic " + base64.b64encode(b"someone:pw-0123456789").decode(),
