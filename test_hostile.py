@@ -646,8 +646,9 @@ class HostileServerTest(HostileCase):
             "finish reason": lambda text: [b"".join(sse(delta("kept", "error " + text.decode())))],
         }
         texts = []
-        for secret in (api_key, header_key, "Bearer " + api_key):
-            texts += [b"." * pad + secret.encode() + b" tail" for pad in range(100, 310, 3)]
+        for secret, step in ((api_key, 1), (header_key, 1), ("Bearer " + api_key, 5)):
+            # the cut is at 297 characters, after a prefix of at most 45: every offset across it
+            texts += [b"." * pad + secret.encode() + b" tail" for pad in range(250 - len(secret), 300, step)]
             texts += [b" " * (65536 - inside - 1) + b"!" + secret.encode() for inside in (4, 9, 40, len(secret) - 1)]
         for name, shape in shapes.items():
             server = self.serve(lambda request: shape(texts[len(server.requests) - 1]))
