@@ -362,6 +362,7 @@ class Client:
         except Exception as exc:  # reported by every call instead
             self._problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
                 else "bad client argument: " + _describe(exc)
+            self.base_url = _shown_url(self.base_url)  # a refused user:pass@ is not kept
 
     def chat(self, messages: "List[Any]", **params: "Any") -> Response:
         """Send ``messages`` and return the whole reply as a :class:`Response`.
