@@ -71,6 +71,7 @@ _STOP_REASONS = {
 }
 _CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "cookie", "password", "passwd", "sig",
                      "credential", "session")  # in a header or query field's name
+_AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "bot", "key", "apikey")
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
                 "OPENAI_API_KEY", "OLLAMA_HOST")
 _MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is quadratic)
@@ -393,7 +394,8 @@ class Client:
         else:
             problem = "got %s" % type(out).__name__
         if not callable(write):
-            return Response("", "error", _one_line("out must have a write(str) method, " + problem))
+            return Response("", "error", _one_line(_redact(
+                "out must have a write(str) method, " + problem, self._secrets)))
         call = _Call(self, stream=True)
         call.on_reasoning = on_reasoning
         pieces = call.run(call.chat(messages, params))
@@ -759,7 +761,7 @@ def _secret_forms(values: "List[str]") -> "List[str]":
     found = set()
     for value in values:
         words = value.replace(",", " ").replace(";", " ").split()
-        scheme = len(words) == 2 and words[0].isalpha()  # "Bearer <token>": shown as "Bearer ***"
+        scheme = len(words) == 2 and words[0].lower() in _AUTH_SCHEMES  # shown as "Bearer ***"
         pieces = words[1:] if scheme else [value, value.strip()] + words
         pieces += [word.partition("=")[2] for word in words]
         if value.strip()[:6].lower() == "basic " and len(words) > 1:
@@ -773,6 +775,12 @@ def _secret_forms(values: "List[str]") -> "List[str]":
                 if len(form) >= 4:
                     found.add(form)
     return sorted(found, key=len, reverse=True)
+
+
+def _redact(text: str, secrets: "List[str]") -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def _text(name: str, value: "Any", secret: bool = False, single_line: bool = True) -> str:
@@ -1438,9 +1446,7 @@ class _Call:
 
     def _redacted(self, text: str) -> str:
         """Text with every configured secret as ``***``: done before any cut, never after."""
-        for secret in self.client._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return _redact(text, self.client._secrets)
 
 
 # ---------------------------------------------------------------- the SSE decoder

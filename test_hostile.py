@@ -696,6 +696,9 @@ class HostileServerTest(HostileCase):
                        base64.b64encode(b"me:pp-0123456789").decode()):
             self.assertNotIn(secret, response.error)
         self.assertIn("Authorization=Basic ***", response.error)
+        server.answers = [lambda request: answer({"error": "no: " + request.headers["api-key"]}, 401)]
+        response = self.client(server, headers={"api-key": "two words-0123"}).chat(HI)
+        self.assertEqual(response.error, "HTTP 401: no: ***")
         self.assertNotIn("pp-0123", repr(client))
 
     def test_many_threads_share_a_client_while_another_cancels_again_and_again(self):
