@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import weakref
-from urllib.parse import urlsplit as _urlsplit  # loaded by http.client anyway
+from urllib.parse import quote as _quote, urlsplit as _urlsplit  # loaded by http.client anyway
 
 _TYPE_CHECKING = False  # typing costs import time; only the type checker reads these
 if _TYPE_CHECKING:
@@ -69,6 +69,9 @@ _STOP_REASONS = {
     "content_filter": "content_filter", "safety": "content_filter",
     "recitation": "content_filter", "prohibited_content": "content_filter",
 }
+_CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "cookie", "password", "passwd", "sig",
+                     "credential", "session")  # in a header or query field's name
+_AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "bot", "key", "apikey")
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
                 "OPENAI_API_KEY", "OLLAMA_HOST")
 _MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is quadratic)
@@ -150,12 +153,16 @@ class ToolCall:
 
     __slots__ = ("id", "name", "arguments", "args", "type")
 
-    def __init__(self, id: str, name: str, arguments: str, type: str = "function") -> None:
+    def __init__(self, id: str, name: str, arguments: "Any", type: str = "function") -> None:
+        if arguments is None:
+            arguments = ""
         self.id, self.name, self.arguments, self.type = id, name, arguments, type
-        try:
-            self.args = json.loads(arguments) if arguments.strip() else {}  # type: Any
-        except (ValueError, RecursionError):
-            self.args = None
+        self.args = None  # type: Any  # arguments that are not text are not parsed
+        if isinstance(arguments, str):
+            try:
+                self.args = json.loads(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):
+                pass
 
     def to_dict(self) -> "Dict[str, Any]":
         """The call in the wire shape, for the assistant message in history."""
@@ -222,10 +229,15 @@ class Response:
         return message
 
     def __repr__(self) -> str:
-        text = self.content if len(self.content) <= 60 else self.content[:57] + "..."
-        extra = ", error=%r" % self.error if self.error else ""
-        return "Response(stop_reason=%r, content=%r, status=%r%s)" % (
-            self.stop_reason, text, self.status, extra)
+        try:  # the fields are the caller's to set: any of them may be any object
+            text = self.content
+            if isinstance(text, str) and len(text) > 60:
+                text = text[:57] + "..."
+            extra = ", error=%r" % (self.error,) if self.error else ""
+            return "Response(stop_reason=%r, content=%r, status=%r%s)" % (
+                self.stop_reason, text, self.status, extra)
+        except Exception:
+            return "<llm.Response that cannot be shown>"
 
 
 class Stream:
@@ -238,17 +250,23 @@ class Stream:
 
     def __init__(self, call: "_Call", pieces: "Iterator[str]") -> None:
         self._call, self._pieces = call, pieces
+        self._reading = threading.RLock()  # a generator read by two threads at once raises
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        with self._reading:
+            return next(self._pieces)
 
     @property
     def response(self) -> Response:
-        """The whole reply, once the stream has ended."""
-        for _ in self._pieces:
+        """The whole reply, once the stream has ended (another thread's reading included)."""
+        try:
+            with self._reading:
+                for _ in self._pieces:
+                    pass
+        except ValueError:  # read again from inside its own reading: what came so far
             pass
         return self._call.response()
 
@@ -318,15 +336,16 @@ class Client:
     ``.../chat/completions`` URL; ``None`` reads the environment.
     ``model``: sent as the request's model (``None``: ``LLM_MODEL``).
     ``api_key``: sent as a Bearer token (``None``: ``LLM_API_KEY`` or
-    ``OPENAI_API_KEY``; ``""``: none). ``system``: a system prompt put first
+    ``OPENAI_API_KEY``, each only to the server the environment pairs it
+    with; ``""``: none). ``system``: a system prompt put first
     unless the messages already start with one. ``timeout``: seconds for
     connecting and for each read, or a ``(connect, read)`` pair; it bounds
     silence, not the whole call. ``deadline``: seconds for the whole call,
     retries included, or ``None``. ``headers``: extra request headers.
     ``retries``: how many times to retry a failed connection or a 408, 409,
-    429, 5xx answer before any output. ``verify``: check the server's TLS
-    certificate (a path here is taken as ``ca_file``). ``ca_file``: a PEM
-    file of trusted certificates.
+    429, 5xx answer before any output. ``verify``: ``True`` (or ``None``)
+    checks the server's TLS certificate, ``False`` does not, a path is taken
+    as ``ca_file``. ``ca_file``: a PEM file of trusted certificates.
     ``params``: default request parameters (``{"temperature": 0}``), under
     those of each call. ``stream_usage``: ask for token usage when
     streaming. ``max_bytes``: the largest response body accepted.
@@ -338,7 +357,8 @@ class Client:
                  api_key: "Optional[str]" = None, system: "Optional[str]" = None,
                  timeout: "_Timeout" = _DEFAULT_TIMEOUT, deadline: "Optional[float]" = None,
                  headers: "Optional[Dict[str, str]]" = None, retries: int = 0,
-                 verify: bool = True, ca_file: "Optional[str]" = None,
+                 verify: "Union[bool, str, os.PathLike[str], None]" = True,
+                 ca_file: "Optional[str]" = None,
                  params: "Optional[Dict[str, Any]]" = None, stream_usage: bool = True,
                  max_bytes: int = _MAX_BYTES) -> None:
         self._problem = ""
@@ -349,12 +369,14 @@ class Client:
         self._tls = None  # type: Any
         self.base_url = self.model = self.system = ""
         self._api_key = ""
+        self._secrets = []  # type: List[str]  # every form in which a secret may come back
         try:
             self._configure(base_url, model, api_key, system, timeout, deadline, headers,
                             retries, verify, ca_file, params, stream_usage, max_bytes)
         except Exception as exc:  # reported by every call instead
             self._problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
                 else "bad client argument: " + _describe(exc)
+            self.base_url = _shown_url(self.base_url)  # a refused user:pass@ is not kept
 
     def chat(self, messages: "List[Any]", **params: "Any") -> Response:
         """Send ``messages`` and return the whole reply as a :class:`Response`.
@@ -385,7 +407,8 @@ class Client:
         else:
             problem = "got %s" % type(out).__name__
         if not callable(write):
-            return Response("", "error", _one_line("out must have a write(str) method, " + problem))
+            return Response("", "error", _one_line(_redact(
+                "out must have a write(str) method, " + problem, self._secrets)))
         call = _Call(self, stream=True)
         call.on_reasoning = on_reasoning
         pieces = call.run(call.chat(messages, params))
@@ -404,7 +427,8 @@ class Client:
             except Exception as exc:
                 if response.ok:
                     response.stop_reason = "error"
-                    response.error = "writing the reply failed: " + _describe(exc)
+                    response.error = _one_line(call._redacted(
+                        "writing the reply failed: " + _describe(exc)))
         return response
 
     def stream(self, messages: "List[Any]", **params: "Any") -> Stream:
@@ -452,7 +476,7 @@ class Client:
 
     def __repr__(self) -> str:
         return "Client(base_url=%r, model=%r, api_key=%r)" % (
-            self.base_url, self.model, "***" if self._api_key else "")
+            _shown_url(self.base_url), self.model, "***" if self._api_key else "")
 
     # ------------------------------------------------------------ configuration
 
@@ -465,21 +489,26 @@ class Client:
             base_url = _base_url_from(environ)
         if model is None:
             model = environ.get("LLM_MODEL", "")
-        if api_key is None:
-            api_key = environ.get("LLM_API_KEY") or environ.get("OPENAI_API_KEY") or ""
         self.base_url = _text("base_url", base_url)
         self.model = _text("model", model)
-        self._api_key = _text("api_key", api_key, secret=True)
-        self.system = _text("system", system or "", single_line=False)
         (self._scheme, self._host, self._port, self._chat_path,
          self._models_path) = _endpoint(self.base_url)
+        if api_key is None:  # the environment's key goes only where the environment sends it
+            api_key = _environment_key(environ, (self._scheme, self._host, self._port))
+        self._api_key = _text("api_key", api_key, secret=True)
+        self.system = _text("system", system or "", single_line=False)
         self._connect_timeout, self._read_timeout = _timeouts(timeout)
         self._deadline = _seconds("deadline", deadline) if deadline is not None else 0.0
         self._retries = _count("retries", retries)
         self._max_bytes = _count("max_bytes", max_bytes)
-        if isinstance(verify, str):  # a CA file, as requests takes it
-            verify, ca_file = True, verify
-        self._verify, self._ca_file = bool(verify), ca_file
+        if verify is None:
+            verify = True
+        elif isinstance(verify, (str, os.PathLike)) and os.fspath(verify):
+            verify, ca_file = True, os.fspath(verify)  # a CA file, as requests takes it
+        elif not isinstance(verify, bool):  # 0, "", a config value: never a silent "off"
+            raise TypeError("verify must be True, False or a CA file path, got %s"
+                            % _shown(verify))
+        self._verify, self._ca_file = verify, ca_file
         if not isinstance(params or {}, dict):
             raise TypeError("params must be a dict, got %s" % type(params).__name__)
         self._params = dict(params or {})
@@ -493,6 +522,10 @@ class Client:
             sent.update(self._proxy[2])
         self._stream_headers = _accepting(sent, "text/event-stream")
         self._plain_headers = _accepting(sent, "application/json")
+        tunnel = self._proxy[2] if self._proxy else {}  # CONNECT's Proxy-Authorization
+        self._secrets = _secret_forms([self._api_key] + [
+            value for name, value in list(sent.items()) + list(tunnel.items())
+            + _query_fields(self._chat_path) if _is_credential(name)])
 
     def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
         body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
@@ -664,7 +697,8 @@ def chat(messages: "List[Any]", **params: "Any") -> Response:
 
     ``LLM_BASE_URL`` (or ``OPENAI_BASE_URL``, or ``OLLAMA_HOST``; default
     ``http://localhost:11434``), ``LLM_MODEL``, ``LLM_API_KEY`` (or
-    ``OPENAI_API_KEY``). The client and its connections are reused.
+    ``OPENAI_API_KEY``; each key only for the server it is paired with).
+    The client and its connections are reused.
     """
     return _environment_client().chat(messages, **params)
 
@@ -685,6 +719,30 @@ def _base_url_from(environ: "Any") -> str:
     return _ollama_host_url(host) if host else _DEFAULT_BASE_URL
 
 
+def _environment_key(environ: "Any", origin: "Tuple[str, str, int]") -> str:
+    """The environment's API key for a server at ``origin`` (scheme, host, port).
+
+    Each key goes only to the server the environment pairs it with:
+    ``LLM_API_KEY`` to the base URL the environment names, ``OPENAI_API_KEY``
+    to ``OPENAI_BASE_URL`` (or OpenAI itself when that is unset).
+    """
+    pairs = (("LLM_API_KEY", _base_url_from(environ)),
+             ("OPENAI_API_KEY", environ.get("OPENAI_BASE_URL") or "https://api.openai.com"))
+    for name, url in pairs:
+        key = environ.get(name)
+        if key and _origin(url) == origin:
+            return str(key)
+    return ""
+
+
+def _origin(url: str) -> "Optional[Tuple[str, str, int]]":
+    try:
+        scheme, host, port = _endpoint(url)[:3]
+    except ValueError:
+        return None
+    return scheme, host, port
+
+
 def _ollama_host_url(value: str) -> str:
     """Read OLLAMA_HOST as Ollama does: ``host``, ``:port``, ``host:port``, or a URL."""
     scheme, _, rest = value.rpartition("://")
@@ -703,22 +761,29 @@ def _ollama_host_url(value: str) -> str:
 def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
     """Split a base URL into scheme, host, port, and the chat and models paths."""
     url = url.strip()
+    shown = _shown_url(url)
     if any(ord(c) < 33 or ord(c) == 127 for c in url):  # urlsplit would drop tabs and line ends
-        raise ValueError("base_url contains a space or a control character: %r" % url)
+        raise ValueError("base_url contains a space or a control character: %r" % shown)
     if "://" not in url:
         if url.lower().startswith(("http:", "https:")):
-            raise ValueError("base_url is missing a slash: %r" % url)
+            raise ValueError("base_url is missing a slash: %r" % shown)
         url = "http://" + url
     parts = _urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise ValueError("base_url must be an http:// or https:// URL, got %r" % url)
+        raise ValueError("base_url must be an http:// or https:// URL, got %r" % shown)
+    if "@" in parts.netloc:  # never sent, and "http://localhost@evil.example" is evil.example
+        raise ValueError("base_url must not contain a user name or password (user:pass@host):"
+                         " give the key as api_key or in headers")
     host = parts.hostname or ""
     if not host or any(c in host for c in " \t\r\n\0/\\"):
-        raise ValueError("base_url has no valid host: %r" % url)
-    port = parts.port  # a bad port raises ValueError
+        raise ValueError("base_url has no valid host: %r" % shown)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("base_url has an invalid port: %r" % shown)
     if port == 0:
-        raise ValueError("base_url has port 0: %r" % url)
+        raise ValueError("base_url has port 0: %r" % shown)
     port = port or (443 if scheme == "https" else 80)
     path = parts.path.rstrip("/")
     if path.endswith("/chat/completions"):
@@ -727,6 +792,76 @@ def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
         path = "/v1"
     query = "?" + parts.query if parts.query else ""
     return scheme, host, port, path + "/chat/completions" + query, path + "/models" + query
+
+
+def _shown_url(url: str) -> str:
+    """A URL as it may be shown: no user part, and key-like query values as ``***``."""
+    if not isinstance(url, str):
+        return url
+    head, mark, query = url.partition("?")
+    scheme, slashes, rest = head.rpartition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    if not mark:
+        return scheme + slashes + rest
+    query, hash_mark, fragment = query.partition("#")
+    fields = query.split("&")
+    for number, field in enumerate(fields):
+        name, equals, value = field.partition("=")
+        if equals and value and _is_credential(name):
+            fields[number] = name + "=***"
+    return scheme + slashes + rest + "?" + "&".join(fields) + hash_mark + fragment
+
+
+def _query_fields(url: str) -> "List[Tuple[str, str]]":
+    """The ``name=value`` fields of a URL's query, each value also percent-decoded."""
+    from urllib.parse import unquote
+
+    fields = []
+    for field in url.partition("?")[2].partition("#")[0].split("&"):
+        name, _, value = field.partition("=")
+        fields += [(name, value), (name, unquote(value))]
+    return fields
+
+
+def _is_credential(name: str) -> bool:
+    """Whether a header or query field of this name carries a secret (api-key, token, sig...)."""
+    name = name.lower()
+    return any(word in name for word in _CREDENTIAL_WORDS)
+
+
+def _secret_forms(values: "List[str]") -> "List[str]":
+    """Every form in which these secrets may come back in a server's words, longest first.
+
+    Each value whole, its words, or only the credential after an auth scheme
+    (``Bearer <token>``); the values of ``name=value`` pairs; the user and
+    password inside ``Basic`` credentials; each of those JSON-escaped and
+    percent-encoded. Forms shorter than 4 characters are left out: they would
+    match ordinary words.
+    """
+    found = set()
+    for value in values:
+        words = value.replace(",", " ").replace(";", " ").split()
+        scheme = len(words) == 2 and words[0].lower() in _AUTH_SCHEMES  # shown as "Bearer ***"
+        pieces = words[1:] if scheme else [value, value.strip()] + words
+        pieces += [word.partition("=")[2] for word in words]
+        if value.strip()[:6].lower() == "basic " and len(words) > 1:
+            try:
+                user_password = base64.b64decode(words[1], validate=True).decode("utf-8")
+            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+                user_password = ""
+            pieces += [user_password] + user_password.split(":", 1)
+        for piece in pieces:
+            for form in (piece, json.dumps(piece)[1:-1], _quote(piece, safe="")):
+                if len(form) >= 4:
+                    found.add(form)
+    return sorted(found, key=len, reverse=True)
+
+
+def _redact(text: str, secrets: "List[str]") -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def _text(name: str, value: "Any", secret: bool = False, single_line: bool = True) -> str:
@@ -804,6 +939,10 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
     if not url or bypass(host, proxies):
         return None
     parts = _urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme.lower() != "http":  # an https:// proxy spoken to in plain HTTP: refuse it
+        raise ValueError("the proxy %s is not supported: llm.py speaks to proxies in plain"
+                         " HTTP (https still goes through CONNECT, encrypted end to end);"
+                         " give an http:// proxy URL" % _shown_url(url))
     headers = {}
     if parts.username is not None:
         credentials = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
@@ -813,9 +952,30 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether host is this machine: localhost names, or a loopback address in any form.
+
+    Addresses as the resolver reads them: ``[::ffff:127.0.0.1]``,
+    ``0:0:0:0:0:0:0:1``, and the legacy ``127.1``, ``2130706433``,
+    ``0x7f000001``; a name such as ``127.0.0.1.nip.io`` is no address.
+    """
+    import ipaddress
+
     host = host.lower().rstrip(".")
-    return (host in ("localhost", "::1", "0.0.0.0", "::") or host.endswith(".localhost")
-            or host.startswith("127."))
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])  # type: Any  # a zone: fe80::1%eth0
+    except ValueError:
+        if not host or host.strip("0123456789abcdefx.") or host.count(".") > 3:
+            return False  # a name: inet_aton would read "127.1 x" as 127.0.0.1
+        try:
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return bool(address.is_loopback or address.is_unspecified)
 
 
 def _checked_messages(messages: "Any", system: str) -> "List[Any]":
@@ -1262,7 +1422,7 @@ class _Call:
             self.connection.close()  # the rest of a long body is not worth reading
         status = reply.status
         if 300 <= status < 400:
-            message = "redirect to %s not followed" % (reply.getheader("Location") or "?")
+            message = "redirect to %s not followed" % _shown_url(reply.getheader("Location") or "?")
         else:
             message = _server_message(body) or reply.reason or http.client.responses.get(status, "")
         return "HTTP %d: %s" % (status, message), body.decode("utf-8", "replace").lower()
@@ -1412,7 +1572,7 @@ class _Call:
             response = Response(content, "error", _one_line(self._redacted(self.error)))
         else:
             finish = self.finish or "stop"
-            reason = _STOP_REASONS.get(finish.lower(), finish)
+            reason = _STOP_REASONS.get(finish.lower()) or self._redacted(finish)
             if reason == "stop" and self.builders:
                 reason = "tool_calls"  # some servers say "stop" when they call tools
             elif reason == "stop" and self.refusal:
@@ -1420,7 +1580,8 @@ class _Call:
             response = Response(content, reason)
             if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
                 response.stop_reason = "error"  # the server gave up (OpenRouter: a provider failed)
-                response.error = _one_line('the server ended the reply: finish_reason "%s"' % finish)
+                response.error = _one_line(self._redacted(
+                    'the server ended the reply: finish_reason "%s"' % finish))
         response.status = self.status
         response.usage = _usage(self.usage)
         response.tool_calls = [
@@ -1435,8 +1596,8 @@ class _Call:
         return response
 
     def _redacted(self, text: str) -> str:
-        key = self.client._api_key
-        return text.replace(key, "***") if key and len(key) >= 4 else text
+        """Text with every configured secret as ``***``: done before any cut, never after."""
+        return _redact(text, self.client._secrets)
 
 
 # ---------------------------------------------------------------- the SSE decoder
@@ -1660,6 +1821,8 @@ def _int(digits: str) -> "Any":
 
 def _server_message(body: bytes) -> str:
     """The message in an error body of any common shape; "" for HTML or nothing."""
+    if len(body) >= _ERROR_BODY_LIMIT:  # cut where it was read: drop the last, partial word
+        return _clip(body, cut=True)
     text = body.decode("utf-8", "replace").strip()
     if text[:1] in ("{", "[", '"'):
         try:
@@ -1769,8 +1932,17 @@ def _one_line(text: str) -> str:
     return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT - 3] + "..."
 
 
-def _clip(data: bytes) -> str:
-    return _one_line(data[:_ERROR_TEXT_LIMIT].decode("utf-8", "replace")) or "(empty)"
+def _clip(data: bytes, cut: bool = False) -> str:
+    """The start of what a server sent, for an error, in whole words.
+
+    It is cut to its length for ``Response.error`` only once the secrets
+    are redacted from it: a secret cut in two would not be recognised. A word
+    cut here is dropped for the same reason.
+    """
+    words = data[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").split()
+    if words and (cut or len(data) > _ERROR_BODY_LIMIT and not data[_ERROR_BODY_LIMIT:][:1].isspace()):
+        del words[-1]
+    return " ".join(words) or "(empty)"
 
 
 def _where(host: str, port: int) -> str:

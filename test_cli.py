@@ -173,6 +173,18 @@ class OnePromptTest(CommandLineCase):
         self.assertNotIn("temperature", request.json())
         self.assertEqual(request.headers["authorization"], "Bearer " + KEY)
 
+    def test_an_environment_key_goes_only_to_the_server_it_is_paired_with(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.run_cli("Hi", server=server, env={"OPENAI_API_KEY": KEY})  # OpenAI's key
+        self.assertEqual((result.status, result.out), (0, "ok\n"))
+        self.assertNotIn("authorization", server.requests[-1].headers)
+        self.run_cli("Hi", server=server, env={"LLM_BASE_URL": "http://127.0.0.1:1", "LLM_API_KEY": KEY})
+        self.assertNotIn("authorization", server.requests[-1].headers)
+        self.run_cli("Hi", server=server, env={"OPENAI_BASE_URL": server.url + "/v1", "OPENAI_API_KEY": KEY})
+        self.assertEqual(server.requests[-1].headers["authorization"], "Bearer " + KEY)
+        self.run_cli("--key", KEY, "Hi", server=server)
+        self.assertEqual(server.requests[-1].headers["authorization"], "Bearer " + KEY)
+
     def test_no_stream_asks_for_the_whole_reply(self):
         server = self.serve(answer(message("All at once.")))
         result = self.run_cli("--no-stream", "Hi", server=server)

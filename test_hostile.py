@@ -18,6 +18,7 @@ A comment ``# found:`` above a test names a defect of llm.py that this module
 found and that is fixed: the test keeps it fixed.
 """
 
+import base64
 import copy
 import gc
 import io
@@ -625,6 +626,80 @@ class HostileServerTest(HostileCase):
             {"error": {"message": "x" * 270 + " " + request.headers["authorization"]}}, 401))
         response = self.client(server, api_key=KEY).chat(HI)
         self.assertNotIn(KEY[:12], response.error)
+
+    # found: an error made from a server's body was cut to 300 characters before
+    # the key was redacted (88 of 164 characters of an OpenAI-style key were seen),
+    # only the API key was redacted (not a credential header such as x-api-key),
+    # and a 64 KiB error body cut inside a key, after a run of spaces, showed the
+    # key's start once the spaces were squeezed.
+    def test_secrets_straddling_every_cut_are_redacted_at_every_offset(self):
+        api_key = "sk-proj-" + "".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789")
+                                       for _ in range(156))
+        header_key = "hk-" + "".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZ23456789") for _ in range(40))
+        shapes = {  # how a server's text becomes an error, each cut somewhere
+            "invalid JSON": lambda text: [head(content_type="application/json", chunked=False,
+                                               length=len(text) + 1) + b"{" + text],
+            "no choices": lambda text: answer({"echo": text.decode()}),
+            "plain body": lambda text: [head(401, "text/plain", chunked=False, length=len(text)) + text],
+            "JSON error": lambda text: answer({"error": {"message": text.decode()}}, 401),
+            "stream error": lambda text: [b"".join(sse(delta("kept"), {"error": {"message": text.decode()}}))],
+            "finish reason": lambda text: [b"".join(sse(delta("kept", "error " + text.decode())))],
+        }
+        texts = []
+        for secret, step in ((api_key, 1), (header_key, 1), ("Bearer " + api_key, 5)):
+            # the cut is at 297 characters, after a prefix of at most 45: every offset across it
+            texts += [b"." * pad + secret.encode() + b" tail" for pad in range(250 - len(secret), 300, step)]
+            texts += [b" " * (65536 - inside - 1) + b"!" + secret.encode() for inside in (4, 9, 40, len(secret) - 1)]
+        for name, shape in shapes.items():
+            server = self.serve(lambda request: shape(texts[len(server.requests) - 1]))
+            client = self.client(server, api_key=api_key, headers={"X-API-Key": header_key})
+            for text in texts:
+                response = client.chat_stream(HI, Writes()) if name.startswith(("stream", "finish")) \
+                    else client.chat(HI)
+                shown = response.error + repr(response)
+                for secret in (api_key, header_key):
+                    leaked = [secret[i:i + 6] for i in range(len(secret) - 5) if secret[i:i + 6] in shown]
+                    self.assertEqual(leaked, [], "%s: %s" % (name, response.error))
+                self.assertEqual(response.ok, False if name != "finish reason" else True, name)
+                self.assertLessEqual(len(response.error), 300)
+            self.assertEqual(len(server.requests), len(texts))
+
+    def test_a_relay_that_fails_at_its_end_gives_one_redacted_line(self):
+        class Failing:
+            def write(self, text):
+                if "[DONE]" in text:
+                    raise OSError("gone\n" + "x" * 400 + " " + KEY)
+        server = self.serve(sse(delta("a", "stop")))
+        response = self.client(server, api_key=KEY).chat_stream(HI, llm.SSEWriter(Failing()))
+        self.assertEqual(response.stop_reason, "error")
+        self.assertTrue(response.error.startswith("writing the reply failed: OSError: gone x"))
+        self.assertLessEqual(len(response.error), 300)
+        self.assertNotIn(KEY[:8], response.error)
+
+    def test_proxy_credentials_and_credential_headers_are_redacted(self):
+        from test_llm import Proxy
+        secrets = {"Authorization": "Basic " + base64.b64encode(b"someone:pw-0123456789").decode(),
+                   "Cookie": "session=cs-0123456789; theme=dark", "X-Auth-Token": "at-0123456789"}
+
+        def echo(request):
+            return answer({"error": {"message": " ".join(
+                "%s=%s" % (name, request.headers.get(name.lower())) for name in list(secrets) + ["Proxy-Authorization"])
+                + " pw=pp-0123456789 and pw-0123456789 and cs-0123456789"}}, 401)
+        server = self.serve(echo)
+        proxy = Proxy(server.port)
+        self.addCleanup(proxy.close)
+        with mock.patch.dict(os.environ, {"HTTP_PROXY": proxy.url.replace("http://", "http://me:pp-0123456789@")}):
+            client = self.client("http://llm.test/v1", headers=secrets)
+            response = client.chat(HI)
+        self.assertIn("Proxy-Authorization", proxy.seen[0])
+        for secret in ("pw-0123", "cs-0123", "at-0123", "pp-0123", secrets["Authorization"][6:],
+                       base64.b64encode(b"me:pp-0123456789").decode()):
+            self.assertNotIn(secret, response.error)
+        self.assertIn("Authorization=Basic ***", response.error)
+        server.answers = [lambda request: answer({"error": "no: " + request.headers["api-key"]}, 401)]
+        response = self.client(server, headers={"api-key": "two words-0123"}).chat(HI)
+        self.assertEqual(response.error, "HTTP 401: no: ***")
+        self.assertNotIn("pp-0123", repr(client))
 
     def test_many_threads_share_a_client_while_another_cancels_again_and_again(self):
         def answers(request):

@@ -676,6 +676,19 @@ class ToolCallTest(LoopbackCase):
         self.assertEqual(sent[2], {"role": "tool", "content": "21 C", "tool_call_id": "call_a"})
 
 
+    def test_a_tool_call_made_by_hand_with_arguments_that_are_not_text(self):
+        call = llm.ToolCall("call_1", "f", None)
+        self.assertEqual((call.arguments, call.args), ("", {}))
+        self.assertEqual(call.to_dict()["function"]["arguments"], "")
+        for arguments in ({"a": 1}, 5, b"{}", ["x"], object()):
+            with self.subTest(arguments=arguments):
+                call = llm.ToolCall("call_1", "f", arguments)
+                self.assertIs(call.arguments, arguments)
+                self.assertIsNone(call.args)
+                call.to_dict()
+                repr(call)
+
+
 class ReasoningTest(LoopbackCase):
     def test_reasoning_content_and_reasoning_spellings(self):
         for field in ("reasoning_content", "reasoning"):
@@ -1085,6 +1098,24 @@ class TLSAndProxyTest(LoopbackCase):
         server = self.serve(sse(delta("ok", "stop")), tls=True)
         self.assertEqual(self.client(server, verify=False).chat_stream(HI, Writes()).content, "ok")
 
+    def test_verify_is_off_only_with_false(self):
+        server = self.serve(answer(message("secure")), tls=True)
+        response = self.client(server, verify=None).chat(HI)  # None: the default, verified
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", response.error)
+        import pathlib
+        self.assertEqual(self.client(server, verify=pathlib.Path(CA_FILE)).chat(HI).content, "secure")
+        self.assertIn("cannot load ca_file", self.client(server, verify="false").chat(HI).error)  # a path
+        for verify in (0, 1, "", 0.0, [], b"", object()):
+            with self.subTest(verify=verify):
+                client = self.client(server, verify=verify)
+                stream = client.stream(HI)
+                self.assertEqual(list(stream), [])
+                for response in (client.chat(HI), client.chat_stream(HI, Writes()), stream.response):
+                    self.assertEqual(response.stop_reason, "error")
+                    self.assertIn("verify must be True, False or a CA file path", response.error)
+                self.assertIn("verify", client.models().error)
+        self.assertEqual(len(server.requests), 1)  # the CA path's call only
+
     def test_bad_ca_file_is_an_error(self):
         server = self.serve(answer(message("x")), tls=True)
         response = self.client(server, ca_file="/nonexistent/ca.pem").chat(HI)
@@ -1117,6 +1148,49 @@ class TLSAndProxyTest(LoopbackCase):
         self.env(HTTP_PROXY="http://127.0.0.1:%d" % free_port(), ALL_PROXY="http://127.0.0.1:1")
         self.assertEqual(self.client(server).chat(HI).content, "direct")
         self.assertIsNone(llm._proxy_for("http", "localhost"))
+
+    def test_an_https_proxy_is_refused_by_every_call(self):
+        proxy = Proxy(free_port())
+        self.addCleanup(proxy.close)
+        secured = proxy.url.replace("http://", "https://user:pw-SECRET-42@") + "/?token=tk-SECRET-43"
+        for name, url in (("HTTPS_PROXY", "https://llm.test/v1"), ("HTTP_PROXY", "http://llm.test/v1"),
+                          ("ALL_PROXY", "http://llm.test/v1")):
+            with self.subTest(name=name):
+                self.env(**{name: secured})
+                client = self.client(url)
+                for response in (client.chat(HI), client.chat_stream(HI, Writes()), client.stream(HI).response):
+                    self.assertEqual(response.stop_reason, "error")
+                    self.assertIn("proxy https://***@127.0.0.1", response.error)
+                    self.assertIn("not supported", response.error)
+                    self.assertNotIn("SECRET", response.error)
+                self.assertIn("not supported", client.models().error)
+                self.assertNotIn("SECRET", repr(client))
+        self.env(HTTP_PROXY=proxy.url.replace("http://", "socks5://"))
+        self.assertIn("not supported", self.client("http://llm.test/v1").chat(HI).error)
+        self.assertEqual(proxy.seen, [])
+
+    def test_loopback_is_decided_on_the_address(self):
+        self.env(HTTP_PROXY="http://proxy.example:3128")
+        for host in ("localhost", "LOCALHOST.", "api.localhost", "127.0.0.1", "127.9.9.9", "::1",
+                     "0:0:0:0:0:0:0:1", "::ffff:127.0.0.1", "::ffff:7f00:1", "127.1", "2130706433",
+                     "0x7f000001", "0177.0.0.1", "0.0.0.0", "::"):
+            with self.subTest(host=host):
+                self.assertTrue(llm._is_loopback(host))
+                self.assertIsNone(llm._proxy_for("http", host))
+        for host in ("127.0.0.1.nip.io", "127.evil.example", "localhost.evil.example", "10.0.0.1",
+                     "::ffff:10.0.0.1", "fe80::1%eth0", "0x7f000001.example", "deadbeef", "1e100", ""):
+            with self.subTest(host=host):
+                self.assertFalse(llm._is_loopback(host))
+                self.assertEqual(llm._proxy_for("http", host), ("proxy.example", 3128, {}))
+
+    def test_loopback_in_legacy_forms_never_goes_through_a_proxy(self):
+        server = self.serve(answer(message("direct")))
+        self.env(HTTP_PROXY="http://127.0.0.1:%d" % free_port())  # a proxy that refuses
+        for host in ("127.1", "2130706433", "0x7f000001"):
+            with self.subTest(host=host):
+                client = self.client("http://%s:%d" % (host, server.port))
+                self.assertIsNone(client._proxy)
+                self.assertEqual(client.chat(HI).content, "direct")
 
     def test_no_proxy_is_honoured(self):
         self.env(HTTP_PROXY="http://proxy.example:3128", NO_PROXY="llm.test,.internal")
@@ -1180,6 +1254,77 @@ class ConfigurationTest(LoopbackCase):
         self.assertEqual((llm.Client().base_url, llm.Client()._api_key), ("http://a:1", "k2"))
         self.assertEqual(llm.Client(api_key="")._api_key, "")  # "" means no key, whatever the environment
         self.assertEqual(llm.Client("http://c:3").base_url, "http://c:3")
+
+    def test_the_environment_key_goes_only_where_the_environment_pairs_it(self):
+        server = self.serve(answer(message("x")))
+        other = "http://127.0.0.1:%d" % free_port()
+
+        def sent(client):
+            client.chat(HI)
+            return server.requests[-1].headers.get("authorization")
+
+        self.env(OPENAI_API_KEY=KEY)  # OpenAI's key, for OpenAI only
+        self.assertIsNone(sent(self.client(server, api_key=None)))
+        self.assertEqual(llm.Client("https://api.openai.com/v1")._api_key, KEY)
+        self.assertEqual(llm.Client("https://API.openai.com:443")._api_key, KEY)
+        for url in ("http://api.openai.com/v1", "https://api.openai.com:8443/v1", "https://api.openai.com.evil/v1",
+                    "http://localhost:11434", other):
+            self.assertEqual(llm.Client(url)._api_key, "", url)
+        self.assertEqual(sent(self.client(server, api_key=KEY)), "Bearer " + KEY)  # an argument goes anywhere
+        self.env(OPENAI_BASE_URL=server.url + "/v1", OPENAI_API_KEY=KEY)
+        self.assertEqual(sent(llm._environment_client()), "Bearer " + KEY)
+        self.assertEqual(sent(self.client(server.url + "/other/v1", api_key=None)), "Bearer " + KEY)  # same origin
+        self.assertEqual(llm.Client(other)._api_key, "")
+        self.assertEqual(llm.Client("http://localhost:%d" % server.port)._api_key, "")  # origins are compared as named
+        self.env(LLM_BASE_URL=server.url, LLM_API_KEY="k-llm", OPENAI_BASE_URL=other, OPENAI_API_KEY="k-openai")
+        self.assertEqual(sent(self.client(server, api_key=None)), "Bearer k-llm")
+        self.assertEqual(llm.Client(other)._api_key, "k-openai")
+        self.assertEqual(llm.Client("https://api.openai.com")._api_key, "")
+        self.env(LLM_API_KEY=KEY)  # no base URL: the default server's key
+        self.assertEqual(llm.Client()._api_key, KEY)
+        self.assertEqual(llm.Client("http://localhost:11434/v1")._api_key, KEY)
+        self.assertIsNone(sent(self.client(server, api_key=None)))
+        self.env(OLLAMA_HOST="127.0.0.1:%d" % server.port, LLM_API_KEY=KEY)
+        self.assertEqual(sent(llm.Client(model="m")), "Bearer " + KEY)
+
+    def test_a_base_url_with_a_user_part_is_refused(self):
+        server = self.serve(answer(message("x")))
+        for url in ("http://user:pw-SECRET@127.0.0.1:%d" % server.port, "http://:pw-SECRET@127.0.0.1:%d" % server.port,
+                    "http://127.0.0.1:%d@llm.test/v1" % server.port, "http://127.0.0.1@127.0.0.1:%d" % server.port,
+                    "user:pw-SECRET@127.0.0.1:%d" % server.port, "https://u:pw-SECRET@127.0.0.1:%d/v1?a b" % server.port,
+                    "http://u:pw-SECRET@127.0.0.1:99999/v1"):
+            with self.subTest(url=url):
+                client = llm.Client(url)
+                for response in (client.chat(HI), client.chat_stream(HI, Writes()), client.stream(HI).response):
+                    self.assertEqual(response.stop_reason, "error")
+                    self.assertNotIn("SECRET", response.error)
+                self.assertNotIn("SECRET", repr(client) + client.base_url)
+                self.assertNotIn("SECRET", client._problem)
+        self.assertIn("must not contain a user name or password", llm.Client("http://user:pw@127.0.0.1:1").chat(HI).error)
+        self.assertEqual(server.connections, 0)
+
+    def test_key_like_query_values_are_masked_wherever_the_url_is_shown(self):
+        query = "?api-version=2024-06-01&api-key=ak-SECRET-1&sig=sg-SECRET-2&key=k-SECRET-3"
+
+        def echo(request):
+            return answer({"error": {"message": "no route for POST %s" % request.path}}, 404)
+        server = self.serve(echo)
+        client = self.client(server.url + "/v1/chat/completions" + query)
+        response = client.chat(HI)
+        self.assertIn("ak-SECRET-1", server.requests[0].path)  # sent as given
+        self.assertEqual(response.error, "HTTP 404: no route for POST /v1/chat/completions"
+                         "?api-version=2024-06-01&api-key=***&sig=***&key=***")
+        self.assertEqual(repr(client), "Client(base_url=%r, model='m', api_key='')" % (
+            server.url + "/v1/chat/completions?api-version=2024-06-01&api-key=***&sig=***&key=***"))
+        for url in ("ftp://h/v1" + query, "http://h:99999/v1" + query, "http://h:0/v1" + query):
+            with self.subTest(url=url):
+                error = llm.Client(url).chat(HI).error
+                self.assertIn("api-version=2024-06-01", error)
+                self.assertNotIn("SECRET", error)
+        server.answers = [[b"HTTP/1.1 302 Found\r\nLocation: https://cdn.example/x?X-Amz-Signature=abc123def"
+                           b"&access_token=tok456789\r\nContent-Length: 0\r\n\r\n"]]
+        self.assertEqual(self.client(server).chat(HI).error, "HTTP 302: redirect to https://cdn.example/x"
+                         "?X-Amz-Signature=***&access_token=*** not followed")
 
     def test_ollama_host_lenient_forms(self):
         cases = [("gpu-box", "http://gpu-box:11434"), (":8080", "http://127.0.0.1:8080"),
@@ -1339,6 +1484,23 @@ class NoExceptionTest(LoopbackCase):
         self.client(server).chat([{"role": "user", "content": "a\udce9b \U0001F600"}])
         self.assertEqual(server.requests[0].json()["messages"][0]["content"], "a\ufffdb \U0001F600")
 
+    def test_repr_of_a_response_whose_fields_were_set_to_anything(self):
+        class Unshowable:
+            def __repr__(self):
+                raise RuntimeError("no")
+
+            def __bool__(self):
+                raise RuntimeError("no")
+        for value in (None, 5, b"bytes" * 30, ["a"] * 40, ("a", "b"), {"a": 1}, Unshowable()):
+            with self.subTest(value=type(value).__name__):
+                for field in ("content", "error", "stop_reason", "status"):
+                    response = llm.Response("x", "error", "e")
+                    setattr(response, field, value)
+                    self.assertIsInstance(repr(response), str)
+        response = llm.Response("x" * 100)
+        response.content = None
+        self.assertEqual(repr(response), "Response(stop_reason='stop', content=None, status=0)")
+
     def test_the_key_never_appears_in_repr_or_errors(self):
         client = llm.Client("http://127.0.0.1:%d" % free_port(), api_key=KEY)
         response = client.chat(HI)
@@ -1432,6 +1594,31 @@ class StreamTest(LoopbackCase):
         self.assertEqual((stream.response.stop_reason, stream.response.content), ("cancelled", "a"))
         server.answers = [sse(delta("b", "stop"))]
         self.assertEqual(client.chat_stream(HI, Writes()).content, "b")
+
+    def test_response_read_while_another_thread_iterates(self):
+        server = self.serve(sse(delta("a"), 0.5, delta("b"), delta("c", "stop")))
+        stream = self.client(server).stream(HI)
+        pieces, problems, first = [], [], threading.Event()
+
+        def iterate():
+            try:
+                for piece in stream:
+                    pieces.append(piece)
+                    first.set()
+            except BaseException as exc:
+                problems.append(exc)
+            first.set()
+        reader = threading.Thread(target=iterate, daemon=True)
+        reader.start()
+        self.assertTrue(first.wait(5))
+        time.sleep(0.1)  # the reader is now waiting for "b", inside the stream
+        response = stream.response
+        reader.join(5)
+        self.assertFalse(reader.is_alive())
+        self.assertEqual(problems, [])
+        self.assertEqual((response.content, response.stop_reason), ("abc", "stop"))
+        self.assertTrue("abc".startswith("".join(pieces)))
+        self.assertEqual(stream.response.content, "abc")
 
     def test_errors_end_the_iteration_quietly(self):
         server = self.serve(answer({"error": "nope"}, 500))
