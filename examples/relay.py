@@ -12,16 +12,16 @@ through ``llm.SSEWriter``: one ``data: {"content": "..."}`` event per piece,
 reads the stream with ``fetch`` and shows the reply as it grows. Each request
 has its own thread; the one client is shared (it is thread-safe). A page
 closed in the middle of a reply ends that call when the next piece cannot be
-written; the server goes on serving the others.
+written; the server goes on serving the others. The LLM server is --base-url
+and --model, or LLM_BASE_URL and LLM_MODEL (an API key: LLM_API_KEY or
+OPENAI_API_KEY). Standard library only.
 
 Any web page the user visits could post to this server and spend the key, or
 read the replies by pointing a name of its own at 127.0.0.1 (DNS rebinding).
 So only the server's own names are served (the address it is bound to, and
 localhost for a loopback address; 421 otherwise), a request from another
 origin is refused (403), and a post must be ``application/json`` (415), which
-a page elsewhere cannot send without this server's consent. The LLM server is --base-url
-and --model, or LLM_BASE_URL and LLM_MODEL (an API key: LLM_API_KEY or
-OPENAI_API_KEY). Standard library only.
+a page elsewhere cannot send without this server's consent.
 """
 
 import argparse
