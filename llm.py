@@ -1971,6 +1971,9 @@ def _shown(value: "Any") -> str:
 
 _PROMPT = "> "
 _DIM, _PLAIN = "\033[2m", "\033[0m"
+# C0 controls but newline and tab, DEL and C1, as a terminal is shown them: ESC is \u001b, the
+# JSON way, so that --json on a terminal stays the same JSON
+_VISIBLE = {c: "\\u%04x" % c for c in list(range(32)) + list(range(127, 160)) if c not in (9, 10)}
 _EPILOG = """\
 examples:
   %(prog)s "Why is the sky blue?"
@@ -2280,12 +2283,18 @@ def _complain(error: str) -> None:
 
 
 class _Console:
-    """Writes to a terminal or pipe at once, never failing on what it cannot encode."""
+    """Writes to a terminal or pipe at once, never failing on what it cannot encode.
+
+    On a terminal, control characters are shown as escapes rather than obeyed:
+    a reply must not write the clipboard, retitle the window or clear the
+    screen. A pipe gets the text exactly.
+    """
 
     _last = {}  # type: Dict[int, str]  # the last character written, per stream
 
     def __init__(self, stream: "Any", style: str = "") -> None:
         self.stream, self.style = stream, style
+        self.visible = _is_terminal(stream)
         self.written = 0  # characters of text written (line ends added by end_line aside)
 
     def write(self, text: str) -> None:
@@ -2300,7 +2309,8 @@ class _Console:
     def _put(self, text: str) -> None:
         if not text or self.stream is None:
             return
-        shown = self.style + text + _PLAIN if self.style and text != "\n" else text
+        shown = text.translate(_VISIBLE) if self.visible else text
+        shown = self.style + shown + _PLAIN if self.style and text != "\n" else shown
         try:
             self.stream.write(shown)
         except UnicodeEncodeError:  # a console that cannot show it: show what it can

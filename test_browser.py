@@ -8,7 +8,11 @@ reply in pieces with pauses, relay.py on a free port, and Chromium with
 written here (standard library only). It types a prompt into the page,
 records what the page shows over time, and checks that the reply grew in
 pieces, in order; it closes a tab in the middle of a reply and checks that
-the server goes on serving the other tabs. A screenshot taken during the
+the server goes on serving the other tabs. A page on another loopback origin
+(another port) tries to post to the relay with fetch and with a form, and a
+name that Chromium resolves to 127.0.0.1 (as DNS rebinding would) tries to
+use it as its own: the relay refuses them all, and its own page still
+works. A screenshot taken during the
 run is written to a temporary directory and its path printed; the checks
 are on the page's text, not on pixels. All traffic is to 127.0.0.1, and
 every wait is bounded.
@@ -31,7 +35,7 @@ import threading
 import time
 import unittest
 
-from test_llm import Server, delta, sse
+from test_llm import Server, answer, delta, sse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELAY = os.path.join(HERE, "examples", "relay.py")
@@ -39,11 +43,14 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-extensions", "--window-size=900,700", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0"]
+         "--remote-debugging-port=0",
+         "--host-resolver-rules=MAP rebound.test 127.0.0.1"]  # a name rebound to loopback
 WAIT = 30  # seconds: the longest any one step may take
 PIECES = ["The sky ", "looks blue ", "because air ", "scatters ", "blue light ", "more than ",
           "red light."]
 STORY = ["Once upon a time "] + ["and then more "] * 100
+ELSEWHERE = (b'<!doctype html><title>elsewhere</title><iframe name="sink"></iframe>'
+             b'<form method="post" enctype="text/plain" target="sink"><input name="x"></form>')
 
 
 # ---------------------------------------------------------------- a minimal WebSocket client (RFC 6455)
@@ -397,6 +404,62 @@ class RelayInChromiumTest(unittest.TestCase):
                        " && document.querySelectorAll('#log p.assistant').length === 2")
         self.assertEqual([m["content"] for m in self.llm_server.requests[-1].json()["messages"]],
                          ["Why is the sky blue?", "".join(PIECES), "And the sunset?"])
+
+    def relay_posts(self, status=""):
+        return sum('"POST /chat HTTP/1.1" ' + status in line for line in self.relay_log)
+
+    def test_a_page_on_another_origin_cannot_use_the_relay(self):
+        elsewhere = Server(answer(ELSEWHERE))  # another loopback origin: another port
+        self.addCleanup(elsewhere.close)
+        requests_before, posts_before = len(self.llm_server.requests), self.relay_posts()
+        refusals_before = self.relay_posts("403")
+        tab = self.new_tab()
+        tab.call("Page.navigate", url=elsewhere.url + "/")
+        tab.wait_for("document.readyState === 'complete' && document.title === 'elsewhere'")
+        chat = json.dumps(self.url + "chat")
+        body = json.dumps(json.dumps({"messages": [{"role": "user", "content": "spend the key"}]}))
+        # a "simple" request, sent without asking: the page cannot read the reply, the server must refuse it
+        self.assertEqual(tab.evaluate("fetch(%s, {method: 'POST', mode: 'no-cors', body: %s,"
+                                      " headers: {'Content-Type': 'text/plain'}}).then(r => r.type)"
+                                      % (chat, body)), "opaque")
+        # JSON asks first (a CORS preflight), and the relay does not say yes
+        self.assertEqual(tab.evaluate("fetch(%s, {method: 'POST', body: %s, headers: {'Content-Type':"
+                                      " 'application/json'}}).then(r => 'read: ' + r.status, e => e.name)"
+                                      % (chat, body)), "TypeError")
+        self.assertEqual(tab.evaluate("fetch(%s).then(r => 'read: ' + r.status, e => e.name)"
+                                      % json.dumps(self.url)), "TypeError")
+        # a form needs no script at all; text/plain sends name=value, which can be made JSON
+        tab.evaluate("""new Promise(done => {
+              const form = document.forms[0], field = form.querySelector('input');
+              form.action = %s;
+              field.name = '{"messages": [{"role": "user", "content": "spend the key';
+              field.value = '"}]}';
+              document.querySelector('iframe').onload = () => done(true);
+              form.submit();
+            })""" % chat)
+        deadline = time.monotonic() + WAIT
+        while self.relay_posts() < posts_before + 2:  # the fetch and the form
+            self.assertLess(time.monotonic(), deadline, "the posts did not come: %r" % self.relay_log[-6:])
+            time.sleep(0.05)
+        time.sleep(0.2)  # time for a post the relay let through to reach the LLM server
+        self.assertEqual(len(self.llm_server.requests), requests_before)
+        self.assertEqual(self.relay_posts("403"), refusals_before + 2)
+        # DNS rebinding: a page under a name of its own that now points at the relay
+        port = self.url.rstrip("/").rsplit(":", 1)[1]
+        rebound = "http://rebound.test:%s/" % port
+        tab.call("Page.navigate", url=rebound)
+        tab.wait_for("document.readyState === 'complete' && location.href === %s" % json.dumps(rebound))
+        self.assertIsNone(tab.evaluate("document.getElementById('prompt')"))
+        self.assertEqual(tab.evaluate("fetch('/chat', {method: 'POST', body: %s, headers: {'Content-Type':"
+                                      " 'application/json'}}).then(r => r.status)" % body), 421)
+        self.assertEqual(len(self.llm_server.requests), requests_before)
+        own = self.new_tab()  # the relay's own page still works
+        own.open(self.url)
+        own.type_and_send("Why is the sky blue?")
+        own.wait_for("!document.getElementById('send').disabled"
+                     " && document.querySelectorAll('#log p.assistant').length === 1")
+        self.assertEqual(own.replies(), ["".join(PIECES)])
+        self.assertEqual(len(self.llm_server.requests), requests_before + 1)
 
 
 if __name__ == "__main__":

@@ -508,5 +508,81 @@ class ChatLoopTest(CommandLineCase):
         self.assertEqual(terminal.wait(), 0)
 
 
+# ---------------------------------------------------------------- what a server's text may do to a terminal
+
+# A clipboard write (OSC 52), a title change, a screen clear, a C1 CSI, a bell, a DEL and a NUL.
+HOSTILE = "\x1b]52;c;aGk=\x07\x1b]0;owned\x07\x1b[2J\u009b31m\x7f\x00"
+SHOWN = "\\u001b]52;c;aGk=\\u0007\\u001b]0;owned\\u0007\\u001b[2J\\u009b31m\\u007f\\u0000"
+RAW_CONTROLS = (b"\x1b", b"\x07", b"\xc2\x9b", b"\x7f", b"\x00")
+
+
+@unittest.skipIf(pty is None or os.name == "nt", "needs a pseudo-terminal")
+class TerminalControlTest(CommandLineCase):
+    """On a terminal the server's control characters are shown, not obeyed; pipes get them as sent."""
+
+    def on_terminal(self, *args, **options):
+        terminal = Terminal(list(args), **options)
+        self.addCleanup(terminal.close)
+        status = terminal.wait()
+        return status, terminal.seen
+
+    def assertNoRawControls(self, seen):
+        for control in RAW_CONTROLS:
+            self.assertNotIn(control, seen)
+
+    def hostile_stream(self):
+        thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "think " + HOSTILE}}]}
+        # the escape is cut between two pieces: each half alone looks harmless
+        return sse(thinking, delta("before \x1b"), delta(HOSTILE[1:] + " after", "stop"))
+
+    def test_reply_text_and_reasoning_reach_a_terminal_as_visible_escapes(self):
+        server = self.serve(self.hostile_stream())
+        status, seen = self.on_terminal("--base-url", server.url, "--show-reasoning", "Hi",
+                                        env={"TERM": "xterm"})
+        self.assertEqual(status, 0)
+        self.assertIn(("\033[2mthink " + SHOWN + "\033[0m\n").encode(), seen)  # still dimmed
+        self.assertIn(("before \\u001b" + SHOWN[len("\\u001b"):] + " after\n").encode(), seen)
+        self.assertNoRawControls(seen.replace(b"\033[2m", b"").replace(b"\033[0m", b""))
+
+    def test_a_whole_reply_reaches_a_terminal_as_visible_escapes(self):
+        server = self.serve(answer(message("x " + HOSTILE)))
+        status, seen = self.on_terminal("--base-url", server.url, "--no-stream", "Hi")
+        self.assertEqual((status, seen), (0, ("x " + SHOWN + "\n").encode()))
+
+    def test_an_error_reaches_a_terminal_as_visible_escapes(self):
+        server = self.serve(answer({"error": "bad " + HOSTILE}, 400))
+        status, seen = self.on_terminal("--base-url", server.url, "Hi")
+        self.assertEqual(status, 1)
+        self.assertEqual(seen, ("error: HTTP 400: bad " + SHOWN + "\n").encode())
+
+    def test_model_ids_reach_a_terminal_as_visible_escapes(self):
+        server = self.serve(answer({"data": [{"id": "m" + HOSTILE}]}))
+        status, seen = self.on_terminal("--base-url", server.url, "--models")
+        self.assertEqual((status, seen), (0, ("m" + SHOWN + "\n").encode()))
+
+    def test_json_on_a_terminal_is_the_same_json_without_raw_controls(self):
+        server = self.serve(self.hostile_stream())
+        status, seen = self.on_terminal("--base-url", server.url, "--json", "Hi")
+        self.assertEqual(status, 0)
+        self.assertNoRawControls(seen)
+        reply = json.loads(seen.decode("utf-8"))
+        self.assertEqual((reply["content"], reply["reasoning"]),
+                         ("before " + HOSTILE + " after", "think " + HOSTILE))
+
+    def test_pipes_get_the_text_byte_for_byte(self):
+        server = self.serve(self.hostile_stream(), self.hostile_stream(),
+                            answer({"error": "bad " + HOSTILE}, 400),
+                            answer({"data": [{"id": "m" + HOSTILE}]}))
+        result = self.run_cli("--show-reasoning", "Hi", server=server)
+        self.assertEqual((result.out, result.err),
+                         ("before " + HOSTILE + " after\n", "think " + HOSTILE + "\n"))
+        result = self.run_cli("--json", "Hi", server=server)
+        self.assertIn('"content": "before \\u001b]52;c;aGk=\\u0007\\u001b]0;owned\\u0007\\u001b[2J'
+                      '\u009b31m\x7f\\u0000 after"', result.out)  # what json.dumps writes
+        self.assertEqual(json.loads(result.out)["content"], "before " + HOSTILE + " after")
+        self.assertEqual(self.run_cli("Hi", server=server).err, "error: HTTP 400: bad " + HOSTILE + "\n")
+        self.assertEqual(self.run_cli("--models", server=server).out, "m" + HOSTILE + "\n")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -11,6 +11,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -408,6 +409,79 @@ class RelayTest(ExampleCase):
                     b'{"messages": [{"role": "user", "content": 5}]}', b"[]"):
             with self.subTest(raw=raw):
                 self.assertEqual(self.post(port, None, raw=raw).status, 400)
+
+    def raw(self, port, request):
+        """Send request (bytes, "{port}" filled in) as it is: the reply's status and body."""
+        connection = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.addCleanup(connection.close)
+        connection.sendall(request.replace(b"{port}", str(port).encode()))
+        reply = b""
+        for _ in range(10000):  # the server closes the connection (HTTP/1.0)
+            data = connection.recv(65536)
+            if not data:
+                break
+            reply += data
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def post_raw(self, port, headers, body=b'{"messages": [{"role": "user", "content": "Hi"}]}'):
+        return self.raw(port, b"POST /chat HTTP/1.1\r\n" + headers + b"Content-Length: %d\r\n\r\n"
+                        % len(body) + body)
+
+    def test_a_post_that_is_not_json_is_refused(self):
+        server = self.serve(sse(delta("x", "stop")))
+        port = self.start_relay(server)
+        for content_type in (b"text/plain", b"text/plain; charset=utf-8", b"application/x-www-form-urlencoded",
+                             b"multipart/form-data; boundary=x", None):
+            with self.subTest(content_type=content_type):
+                headers = b"Host: 127.0.0.1:{port}\r\n"
+                if content_type is not None:
+                    headers += b"Content-Type: " + content_type + b"\r\n"
+                self.assertEqual(self.post_raw(port, headers)[0], 415)
+        status, body = self.post_raw(port, b"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n")
+        self.assertEqual((status, body.count(b"data: ")), (200, 2))  # the normal path still works
+        self.assertEqual(len(server.requests), 1)  # nothing refused reached the LLM server
+
+    def test_only_the_servers_own_host_names_are_served(self):
+        server = self.serve(sse(delta("x", "stop")))
+        port = self.start_relay(server)
+        for host in (b"evil.example:{port}", b"evil.example", b"127.0.0.1.nip.io:{port}", b"127.0.0.1",
+                     b"127.0.0.1:%d" % (port + 1 if port < 65535 else port - 1), b"", None):
+            with self.subTest(host=host):
+                headers = b"Host: " + host + b"\r\n" if host is not None else b""
+                self.assertEqual(self.raw(port, b"GET / HTTP/1.1\r\n" + headers + b"\r\n")[0], 421)
+                self.assertEqual(self.post_raw(port, headers + b"Content-Type: application/json\r\n")[0], 421)
+        self.assertEqual(server.requests, [])
+        for host in (b"127.0.0.1:{port}", b"localhost:{port}", b"LocalHost:{port}", b"[::1]:{port}"):
+            with self.subTest(host=host):
+                status, page = self.raw(port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+                self.assertEqual(status, 200)
+                self.assertIn(b'fetch("/chat"', page)
+                status, body = self.post_raw(port, b"Host: " + host + b"\r\nContent-Type: application/json\r\n")
+                self.assertEqual((status, body.count(b"data: ")), (200, 2))
+
+    def test_cross_site_requests_are_refused(self):
+        server = self.serve(sse(delta("x", "stop")))
+        port = self.start_relay(server)
+        other = b"http://127.0.0.1:%d" % (port + 1 if port < 65535 else port - 1)
+        for headers in (b"Origin: http://evil.example\r\n", b"Origin: " + other + b"\r\n",
+                        b"Origin: null\r\n", b"Origin: http://localhost:{port}\r\n",
+                        b"Origin: https://127.0.0.1:{port}\r\n", b"Sec-Fetch-Site: cross-site\r\n",
+                        b"Sec-Fetch-Site: same-site\r\n",
+                        b"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-site\r\n"):
+            with self.subTest(headers=headers):
+                host = b"Host: 127.0.0.1:{port}\r\n"
+                self.assertEqual(self.raw(port, b"GET / HTTP/1.1\r\n" + host + headers + b"\r\n")[0], 403)
+                self.assertEqual(self.post_raw(port, host + headers + b"Content-Type: application/json\r\n")[0],
+                                 403)
+        self.assertEqual(server.requests, [])
+        for host, headers in ((b"127.0.0.1", b"Origin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"),
+                              (b"localhost", b"Origin: http://localhost:{port}\r\n"),
+                              (b"127.0.0.1", b"Sec-Fetch-Site: none\r\n")):
+            with self.subTest(host=host, headers=headers):
+                status, body = self.post_raw(port, b"Host: " + host + b":{port}\r\n" + headers
+                                             + b"Content-Type: application/json\r\n")
+                self.assertEqual((status, body.count(b"data: ")), (200, 2))
 
     def test_several_pages_at_once(self):
         server = self.serve(lambda request: sse(delta("reply to "), 0.2,

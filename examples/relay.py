@@ -3,7 +3,7 @@
 Usage:
     python relay.py                          # then open http://127.0.0.1:8000
     python relay.py --port 8080 --model llama3.2 --base-url http://localhost:11434
-    python relay.py --host 0.0.0.0           # reachable from other machines
+    python relay.py --host 192.168.1.20      # reachable from other machines at that address
 
 ``GET /`` is the page. The page posts the conversation to ``POST /chat`` as
 ``{"messages": [...]}``, and the server relays ``client.chat_stream`` to it
@@ -12,12 +12,20 @@ through ``llm.SSEWriter``: one ``data: {"content": "..."}`` event per piece,
 reads the stream with ``fetch`` and shows the reply as it grows. Each request
 has its own thread; the one client is shared (it is thread-safe). A page
 closed in the middle of a reply ends that call when the next piece cannot be
-written; the server goes on serving the others. The server is --base-url
+written; the server goes on serving the others. The LLM server is --base-url
 and --model, or LLM_BASE_URL and LLM_MODEL (an API key: LLM_API_KEY or
 OPENAI_API_KEY). Standard library only.
+
+Any web page the user visits could post to this server and spend the key, or
+read the replies by pointing a name of its own at 127.0.0.1 (DNS rebinding).
+So only the server's own names are served (the address it is bound to, and
+localhost for a loopback address; 421 otherwise), a request from another
+origin is refused (403), and a post must be ``application/json`` (415), which
+a page elsewhere cannot send without this server's consent.
 """
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -141,11 +149,34 @@ stopButton.addEventListener("click", () => controller && controller.abort());
 """
 
 
+def served_hosts(address, port):
+    """The Host headers this server answers to: its address, and localhost names on loopback."""
+    names = ["[%s]" % address if ":" in address else address]
+    if ipaddress.ip_address(address).is_loopback:
+        names += ["localhost", "127.0.0.1", "[::1]"]
+    return {"%s:%d" % (name, port) for name in names} | (set(names) if port == 80 else set())
+
+
 class Relay(BaseHTTPRequestHandler):
     client = None  # the llm.Client, set by main()
+    hosts = set()  # served_hosts(), set by main()
     server_version = "relay.py"
 
+    def refused(self):
+        """Refuse a request for another host or from another site; True when refused."""
+        host = self.headers.get("Host", "").lower()
+        if host not in self.hosts:
+            self.send_error(421, "not a name of this server")
+        elif (self.headers.get("Origin", "http://" + host) != "http://" + host
+              or self.headers.get("Sec-Fetch-Site", "none") not in ("same-origin", "none")):
+            self.send_error(403, "cross-site requests are refused")
+        else:
+            return False
+        return True
+
     def do_GET(self):
+        if self.refused():
+            return
         if self.path.split("?")[0] != "/":
             return self.send_error(404)
         body = PAGE.encode("utf-8")
@@ -156,8 +187,12 @@ class Relay(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self):
+        if self.refused():
+            return
         if self.path != "/chat":
             return self.send_error(404)
+        if self.headers.get_content_type() != "application/json":
+            return self.send_error(415, "post JSON (Content-Type: application/json)")
         messages = self.read_messages()
         if messages is None:
             return self.send_error(400, 'expected {"messages": [{"role": ..., "content": ...}]}')
@@ -200,6 +235,7 @@ def main():
     server = ThreadingHTTPServer((options.host, options.port), Relay)
     server.daemon_threads = True
     host, port = server.server_address[:2]
+    Relay.hosts = served_hosts(host, port)
     print("serving http://%s:%d/ (relaying to %s)" % (host, port, Relay.client.base_url),
           file=sys.stderr, flush=True)
     try:
