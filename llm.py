@@ -148,7 +148,8 @@ class ToolCall:
     ``id`` and ``name`` as the server sent them (``id`` is made up as
     ``call_N`` when the server sent none); ``arguments`` is the JSON text as
     sent; ``args`` is that text parsed (``{}`` for empty text, ``None`` when it
-    is not valid JSON).
+    is not valid JSON, or is JSON of so many tiny values that parsing it would
+    take far more memory than its size).
     """
 
     __slots__ = ("id", "name", "arguments", "args", "type")
@@ -160,8 +161,8 @@ class ToolCall:
         self.args = None  # type: Any  # arguments that are not text are not parsed
         if isinstance(arguments, str):
             try:
-                self.args = json.loads(arguments) if arguments.strip() else {}
-            except (ValueError, RecursionError):
+                self.args = _json(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):  # not JSON, or too costly to parse
                 pass
 
     def to_dict(self) -> "Dict[str, Any]":
@@ -643,8 +644,12 @@ class _Handshake:
                     **options: "Any") -> "Any":
         tls = self._context.wrap_socket(sock, server_hostname=server_hostname,
                                         do_handshake_on_connect=False, **options)
-        self._call._attach(tls)
-        tls.do_handshake()
+        try:
+            self._call._attach(tls)
+            tls.do_handshake()
+        except BaseException:
+            tls.close()  # it holds the socket now: http.client would close only the old one
+            raise
         return tls
 
     def __getattr__(self, name: str) -> "Any":  # check_hostname and the like

@@ -242,7 +242,7 @@ class JSONTest(CommandLineCase):
         reply = json.loads(result.out)
         self.assertEqual(reply, {"content": "Hi there", "stop_reason": "stop", "error": "",
                                  "status": 200, "model": "m", "id": "chatcmpl-1", "usage": usage,
-                                 "tool_calls": [], "reasoning": "short"})
+                                 "tool_calls": [], "reasoning": "short", "refusal": ""})
 
     def test_json_has_tool_calls_in_the_wire_shape(self):
         call = {"index": 0, "id": "call_1", "type": "function",
