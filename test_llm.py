@@ -1260,7 +1260,8 @@ class ConfigurationTest(LoopbackCase):
         other = "http://127.0.0.1:%d" % free_port()
 
         def sent(client):
-            client.chat(HI)
+            with client:
+                client.chat(HI)
             return server.requests[-1].headers.get("authorization")
 
         self.env(OPENAI_API_KEY=KEY)  # OpenAI's key, for OpenAI only
