@@ -1786,6 +1786,14 @@ class InterimResponseTest(LoopbackCase):
         self.assertEqual(client.chat(say("two")).content, "two")
         self.assertEqual(server.connections, 2)
 
+    def test_quiet_connections_are_still_reused_over_tls_and_plain_http(self):
+        for tls in (False, True):
+            for steps in (answer(message("a")), sse(delta("a", "stop"))):
+                server = self.serve(steps, tls=tls)
+                client = self.client(server, ca_file=CA_FILE)
+                self.assertEqual([client.chat_stream(HI, Writes()).content for _ in range(4)], ["a"] * 4)
+                self.assertEqual(server.connections, 1, (tls, steps[0][:20]))
+
     def test_a_switching_protocols_answer_is_an_error_not_skipped(self):
         server = self.serve([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", HANG])
         response = self.client(server, deadline=5).chat(HI)
