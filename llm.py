@@ -1640,7 +1640,7 @@ class _SSEDecoder:
                 and not (self._partial or self._data or self._after_cr)
                 and chunk.find(b"\n") == len(chunk) - 2 and b"\r" not in chunk):
             kind, self._kind = self._kind or "message", ""  # the usual read: one whole event
-            return [(kind, _payload([chunk[6:-2]], False, self._budget))]
+            return [(kind, _payload([chunk[:-2]], False, self._budget))]
         if self._after_cr:
             self._after_cr = False
             if chunk[:1] == b"\n":  # the second half of a CRLF split across reads
@@ -1681,10 +1681,9 @@ class _SSEDecoder:
     def _lines(self, lines: "List[bytes]") -> "List[Tuple[str, Any]]":
         events = []
         data = self._data
-        for number, line in enumerate(lines):
+        for line in lines:
             if line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-                lines[number] = line = b""  # a long line is held once, not twice
+                data.append(line)  # whole: the value is read from it without a copy
                 payload = self._complete(data)  # complete JSON? take it now
                 if payload is not None:
                     events.append((self._kind or "message", payload))
@@ -1699,11 +1698,11 @@ class _SSEDecoder:
                 field, _, value = line.partition(b":")
                 value = value[1:] if value[:1] == b" " else value
                 if field == b"data":  # "data" alone: an empty line of data, as the spec says
-                    data.append(b"")
+                    data.append(b"data:")
                 elif field == b"event":
                     self._kind = value.decode("utf-8", "replace")
                 elif field == b"error":  # older llama.cpp: "error: {...}", then [DONE]
-                    events.append(("error", _payload([value], False, self._budget)))
+                    events.append(("error", _payload([b"data:" + value], False, self._budget)))
         return events
 
 
@@ -1721,7 +1720,7 @@ class _SSEDecoder:
                 payload = _payload(data, True, self._budget)
                 if payload is not None:
                     return payload
-            self._depth = _depth(line) if line[:1] in (b"{", b"[") else 0
+            self._depth = _depth(line) if line[5:].lstrip(b" ")[:1] in (b"{", b"[") else 0
             return None
         if self._depth <= 0:  # not JSON, or its one try has failed: wait for the blank line
             return None
@@ -1752,13 +1751,18 @@ def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
 
     Data too costly to parse (see ``_json``) is an ``{"error": ...}`` of its own.
     """
-    data = lines[0] if len(lines) == 1 else b"\n".join(lines)
-    if data == b"[DONE]":
+    if len(lines) == 1:
+        data, start = lines[0], 6 if lines[0][5:6] == b" " else 5  # after "data:" or "data: "
+    else:
+        data, start = b"\n".join(line[6 if line[5:6] == b" " else 5:] for line in lines), 0
+    if len(data) - start == 6 and data.endswith(b"[DONE]"):
         return _DONE
     try:
-        if len(data) > _CHECKED_SIZE:
-            _check_cost(data, budget)  # before decoding: refused data costs no text
-        text = data.decode("utf-8", "replace")
+        if len(data) > _CHECKED_SIZE:  # check before decoding, and decode with no copy
+            _check_cost(data, budget)
+            text = str(memoryview(data)[start:], "utf-8", "replace")
+        else:
+            text = data[start:].decode("utf-8", "replace")
         del data
         return _json(text, budget)
     except _Costly as exc:
