@@ -42,7 +42,7 @@ from urllib.parse import quote as _quote, urlsplit as _urlsplit  # loaded by htt
 
 _TYPE_CHECKING = False  # typing costs import time; only the type checker reads these
 if _TYPE_CHECKING:
-    from typing import Any, Dict, Iterator, List, Optional, Protocol, Set, Tuple, Union
+    from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple, Union
 
     class _Writer(Protocol):
         """Anything with ``write(str)``: a file, ``sys.stdout``, an SSEWriter..."""
@@ -1899,7 +1899,9 @@ def _counts(value: "Dict[Any, Any]") -> "Dict[str, Any]":
             and isinstance(key, str) and len(key) <= 64}
 
 
-def _first_items(value: "Dict[Any, Any]") -> "Iterator[Tuple[Any, Any]]":
+def _first_items(value: "Dict[Any, Any]") -> "Iterable[Tuple[Any, Any]]":
+    if len(value) <= _MAX_USAGE_KEYS:
+        return value.items()
     from itertools import islice  # loaded by collections already
 
     return islice(value.items(), _MAX_USAGE_KEYS)
