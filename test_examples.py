@@ -398,9 +398,11 @@ class RelayTest(ExampleCase):
         self.assertEqual(server.requests[0].json()["messages"], [{"role": "user", "content": "Hi"}])
 
     def test_an_upstream_error_becomes_an_error_event(self):
-        port = self.start_relay(self.serve(answer({"error": "model not found"}, 404)))
+        server = self.serve(answer({"error": "model not found"}, 404))
+        port = self.start_relay(server)
         events = list(self.events(self.post(port, [{"role": "user", "content": "Hi"}])))
-        self.assertEqual(events, [{"error": "HTTP 404: model not found"}, "[DONE]"])
+        self.assertEqual(events, [{"error": "HTTP 404: model not found (POST %s/v1/chat/completions)"
+                                   % server.url}, "[DONE]"])
 
     def test_bad_requests_are_refused(self):
         port = self.start_relay(self.serve(sse(delta("x", "stop"))))
