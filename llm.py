@@ -1609,7 +1609,8 @@ environment:
 
 exit status: 0 done, 1 failed, 2 bad arguments, 130 interrupted.
 """
-_CHAT_HELP = "/reset forgets the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply."
+_CHAT_HELP = ("/reset forgets the conversation, /help lists the commands, /exit or Ctrl-D leaves,"
+              " Ctrl-C stops a reply.")
 _CHAT_COMMANDS = """\
 /reset, /clear   forget the conversation
 /exit, /quit     leave (Ctrl-D too)
