@@ -922,7 +922,8 @@ class _Call:
                 return reply
             message, raw = self._error_of(reply)
             if reply.status in (404, 405):  # most often a base_url with a wrong path
-                message = "%s (%s)" % (message[:160], self._tried(data is not None))
+                message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...",
+                                       self._tried(data is not None))
             if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
                     and reply.status in (400, 422)
                     and ("stream_options" in raw or "include_usage" in raw)):
@@ -980,7 +981,9 @@ class _Call:
         except ConnectionRefusedError:
             raise _Failure("connection refused: %s" % where, retryable=True)
         except socket.timeout:
-            if connection.sock is not None and client._scheme == "https" and not client._proxy:
+            handshake = connection.sock is not None  # TCP is up: TLS (or a proxy) timed out
+            connection.close()  # never keep a socket whose TLS handshake did not finish
+            if handshake and client._scheme == "https" and not client._proxy:
                 raise _Failure("timed out after %gs in the TLS handshake with %s (is it a plain"
                                " HTTP server? then use an http:// URL)" % (timeout, where))
             raise _Failure("timed out after %gs connecting to %s" % (timeout, where),

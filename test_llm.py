@@ -1543,6 +1543,46 @@ class SetupErrorTest(LoopbackCase):
         self.assertEqual(reply.error, "timed out after 0.5s in the TLS handshake with 127.0.0.1:%d"
                          " (is it a plain HTTP server? then use an http:// URL)" % port)
 
+    def test_after_a_tls_handshake_timeout_the_next_call_connects_afresh(self):
+        # the half-made socket was kept: the next call failed with "Bad file descriptor"
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        received = []
+
+        def keep_what_comes():  # two connections at most, each read until closed or 3 s
+            for _ in range(2):
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    return
+                sock.settimeout(3)
+                data = b""
+                try:
+                    for _ in range(100):
+                        piece = sock.recv(65536)
+                        if not piece:
+                            break
+                        data += piece
+                except OSError:
+                    pass
+                sock.close()
+                received.append(data)
+
+        thread = threading.Thread(target=keep_what_comes, daemon=True)
+        thread.start()
+        client = self.client("https://127.0.0.1:%d" % listener.getsockname()[1],
+                             timeout=(0.5, 1), api_key=KEY)
+        for _ in range(2):
+            self.assertIn("TLS handshake", client.chat(HI).error)
+        thread.join(5)
+        self.assertEqual(len(received), 2)  # each call made its own connection
+        for data in received:
+            self.assertTrue(data.startswith(b"\x16\x03"), data[:40])  # a TLS ClientHello
+            self.assertNotIn(b"POST", data)
+            self.assertNotIn(KEY.encode(), data)
+
 
 def free_port():
     sock = socket.socket()
