@@ -17,7 +17,7 @@ import unittest
 import zipfile
 
 from test_cli import WAIT, environment, run
-from test_llm import LoopbackCase, answer, delta, message, sse
+from test_llm import LoopbackCase, answer, delta, free_port, message, sse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,7 +56,7 @@ class VendoredTest(LoopbackCase):
         self.assertEqual((result.status, result.out, result.err), (0, "Hi there\n", ""))
         version = run(command + ["--version"])
         self.assertEqual((version.status, version.out.split()[0]), (0, "chatlib.py"))
-        refused = run(command + ["--base-url", "http://127.0.0.1:9", "Hi"])
+        refused = run(command + ["--base-url", "http://127.0.0.1:%d" % free_port(), "Hi"])
         self.assertEqual(refused.status, 1)
         self.assertTrue(refused.err.startswith("error: "), refused.err)
 
