@@ -1893,9 +1893,11 @@ def _stats(reply: Response) -> str:
     first = reply.first_token_seconds
     if first is not None:
         parts.append("first token after %.2f s" % first)
-    generating = reply.total_seconds - (first or 0.0)
-    if isinstance(tokens, int) and generating > 0:  # the rate after the first token
-        parts.append("%.1f tokens/s" % (tokens / generating))
+    if isinstance(tokens, int):  # the generation rate: the tokens after the first, over their time
+        made, took = (tokens - 1, reply.total_seconds - first) if first is not None \
+            and tokens > 1 else (tokens, reply.total_seconds)
+        if took > 0:
+            parts.append("%.1f tokens/s" % (made / took))
     parts.append("%.2f s in all" % reply.total_seconds)
     return ", ".join(parts)
 
