@@ -188,11 +188,20 @@ class Response:
     ``refusal``: the model's refusal (OpenAI's ``refusal`` field), ``""`` if
     none; a reply that is only a refusal has ``stop_reason "refusal"``;
     ``model`` and ``id`` as the server reported them.
+    ``headers``: the headers of the last HTTP response (an
+    ``http.client.HTTPMessage``: ``headers.get("x-request-id")`` ignores case,
+    ``headers.get_all(name)`` gives repeated ones; empty when none arrived);
+    ``logprobs``: the token log-probabilities when the server sent them (the
+    ``choices[0].logprobs.content`` entries, joined across a stream's
+    chunks), else ``None``; ``first_token_seconds``: seconds from the start
+    of the call until the first token (text, reasoning or a tool call) came,
+    ``None`` if none came; ``total_seconds``: seconds the whole call took,
+    retries included.
     """
 
     __slots__ = ("content", "role", "stop_reason", "error", "status", "usage",
-                 "tool_calls", "reasoning", "refusal", "model", "id", "_reasoning_field",
-                 "_legacy_call")
+                 "tool_calls", "reasoning", "refusal", "model", "id", "headers", "logprobs",
+                 "first_token_seconds", "total_seconds", "_reasoning_field", "_legacy_call")
 
     def __init__(self, content: str = "", stop_reason: str = "stop", error: str = "") -> None:
         self.content, self.stop_reason, self.error = content, stop_reason, error
@@ -202,6 +211,10 @@ class Response:
         self.tool_calls = []  # type: List[ToolCall]
         self.reasoning = self.refusal = ""
         self.model = self.id = ""
+        self.headers = http.client.HTTPMessage()
+        self.logprobs = None  # type: Optional[List[Any]]
+        self.first_token_seconds = None  # type: Optional[float]
+        self.total_seconds = 0.0
         self._reasoning_field = "reasoning_content"
         self._legacy_call = False  # the server used the older function_call shape
 
@@ -1063,6 +1076,11 @@ class _Call:
         self.status = 0
         self.error = ""
         self.done = False
+        self.headers = None  # type: Optional[http.client.HTTPMessage]
+        self.logprobs = None  # type: Optional[List[Any]]
+        self.started = 0.0
+        self.first_token = None  # type: Optional[float]
+        self.seconds = 0.0
 
     # ------------------------------------------------------------ the run
 
@@ -1072,6 +1090,7 @@ class _Call:
         with client._lock:
             client._active.add(self)
         timer = None
+        self.started = time.monotonic()
         try:
             if client._problem:
                 raise _Failure(client._problem)
@@ -1091,6 +1110,7 @@ class _Call:
             self.broken = True  # a half-read reply: the connection cannot be reused
             raise
         finally:
+            self.seconds = time.monotonic() - self.started
             if timer is not None:
                 timer.cancel()
             with client._lock:
@@ -1147,10 +1167,13 @@ class _Call:
                 self._pause(attempt, None)
                 attempt += 1
                 continue
-            self.status = reply.status
+            self.status, self.headers = reply.status, reply.msg
             if 200 <= reply.status < 300:
                 return reply
             message, raw = self._error_of(reply)
+            if reply.status in (404, 405):  # most often a base_url with a wrong path
+                message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...",
+                                       self._tried(data is not None))
             if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
                     and reply.status in (400, 422)
                     and ("stream_options" in raw or "include_usage" in raw)):
@@ -1211,6 +1234,11 @@ class _Call:
         except ConnectionRefusedError:
             raise _Failure("connection refused: %s" % where, retryable=True)
         except socket.timeout:
+            handshake = connection.sock is not None  # TCP is up: TLS (or a proxy) timed out
+            connection.close()  # never keep a socket whose TLS handshake did not finish
+            if handshake and client._scheme == "https" and not client._proxy:
+                raise _Failure("timed out after %gs in the TLS handshake with %s (is it a plain"
+                               " HTTP server? then use an http:// URL)" % (timeout, where))
             raise _Failure("timed out after %gs connecting to %s" % (timeout, where),
                            retryable=True)
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -1443,6 +1471,14 @@ class _Call:
             return "%s closed the connection while the request was sent" % self._where()
         return "%s (%s)" % (_describe(exc), self._where())
 
+    def _tried(self, posted: bool) -> str:
+        """The method and URL of the request, as a user would check them."""
+        client = self.client
+        path = client._chat_path if posted else client._models_path
+        if "://" not in path:  # not already absolute for a proxy
+            path = "%s://%s%s" % (client._scheme, _where(client._host, client._port), path)
+        return "%s %s" % ("POST" if posted else "GET", _shown_url(path))
+
     def _where(self) -> str:
         client = self.client
         if client._proxy:
@@ -1474,6 +1510,7 @@ class _Call:
             self.finish = finish
         if choice.get("usage"):
             self.usage = choice["usage"]
+        self._note(choice)
         delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
         if not isinstance(delta, dict):
             return None
@@ -1558,6 +1595,20 @@ class _Call:
             self.by_index[index] = builder
         return builder
 
+    def _note(self, choice: "Dict[str, Any]") -> None:
+        """Keep a choice's log-probabilities, and the time of the first token."""
+        logprobs = _field(choice.get("logprobs"), "content")
+        if isinstance(logprobs, list):
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(logprobs)
+        if self.first_token is None:
+            delta = choice.get("delta") or choice.get("message")
+            if isinstance(delta, dict) and any(delta.get(field) for field in (
+                    "content", "reasoning_content", "reasoning", "tool_calls", "refusal",
+                    "function_call")):
+                self.first_token = time.monotonic() - self.started
+
     # ------------------------------------------------------------ the result
 
     def _release(self) -> None:
@@ -1598,6 +1649,10 @@ class _Call:
         response._reasoning_field = self.reasoning_field
         response._legacy_call = self.legacy_call
         response.model, response.id = self.model, self.id
+        if self.headers is not None:
+            response.headers = self.headers
+        response.logprobs = self.logprobs
+        response.first_token_seconds, response.total_seconds = self.first_token, self.seconds
         return response
 
     def _redacted(self, text: str) -> str:
@@ -1990,9 +2045,11 @@ examples:
   %(prog)s "Why is the sky blue?"
   cat notes.txt | %(prog)s "Summarise:"
   %(prog)s --base-url http://localhost:8080 --model qwen2.5 --temperature 0 "Hi"
+  %(prog)s -o seed 42 -o stop '["\\n"]' "Hi"
+  %(prog)s --stats "Hi"          (tokens, time to first token, tokens/s on stderr)
   %(prog)s --json "Say hi" > reply.json
   %(prog)s --models
-  %(prog)s          (no prompt on a terminal: a chat; /reset, /exit, Ctrl-C stops a reply)
+  %(prog)s          (no prompt on a terminal: a chat; /help lists its commands)
 
 environment:
   LLM_BASE_URL (or OPENAI_BASE_URL, or OLLAMA_HOST), LLM_MODEL, LLM_API_KEY (or
@@ -2000,7 +2057,15 @@ environment:
 
 exit status: 0 done, 1 failed (or the model refused), 2 bad arguments, 130 interrupted.
 """
-_CHAT_HELP = "/reset forgets the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply."
+_CHAT_HELP = ("/reset forgets the conversation, /help lists the commands, /exit or Ctrl-D leaves,"
+              " Ctrl-C stops a reply.")
+_CHAT_COMMANDS = """\
+/reset, /clear   forget the conversation
+/exit, /quit     leave (Ctrl-D too)
+/help            this list
+//text           send "/text" (a message that starts with /)
+Ctrl-C stops a reply; the conversation keeps what came.
+"""
 
 
 def _main(argv: "Optional[List[str]]" = None) -> int:
@@ -2036,6 +2101,7 @@ def _command(argv: "Optional[List[str]]") -> int:
     if options.models:
         return _list_models(client, options.json)
     params = {"temperature": options.temperature, "max_tokens": options.max_tokens}
+    params.update(_option_values(options.option or []))
     prompt = _prompt(options.prompt)
     if prompt is None:
         return _chat_loop(client, options, params)
@@ -2073,16 +2139,33 @@ def _arguments(argv: "Optional[List[str]]") -> "Any":
     add("-t", "--temperature", type=float, metavar="T", help="sampling temperature (0: the"
         " most likely words)")
     add("--max-tokens", type=int, metavar="N", help="the longest reply, in tokens")
+    add("-o", "--option", nargs=2, action="append", metavar=("NAME", "VALUE"),
+        help="any request parameter (repeat it): -o seed 42 -o stop '[\"END\"]';"
+        " VALUE is read as JSON when it parses, else taken as text")
     add("--timeout", type=float, metavar="SECONDS", help="for connecting and for each"
         " piece of the reply to arrive (default: 30 to connect, 600 per read)")
     add("--json", action="store_true", help="print the whole response as JSON: content,"
-        " stop_reason, usage, tool_calls, reasoning")
+        " stop_reason, usage, tool_calls, reasoning, logprobs, headers, timings")
     add("--models", action="store_true", help="list the server's models and exit")
     add("--no-stream", action="store_true", help="ask for the whole reply at once")
     add("--show-reasoning", action="store_true", help="print the model's reasoning,"
         " when it sends any, to stderr")
+    add("--stats", action="store_true", help="after the reply, print its tokens, the time"
+        " to the first token and the tokens per second to stderr")
     add("--version", action="version", version="%(prog)s " + __version__)
     return parser.parse_args(argv)
+
+
+def _option_values(pairs: "List[List[str]]") -> "Dict[str, Any]":
+    """``-o NAME VALUE`` pairs as request parameters: VALUE as JSON when it parses."""
+    params = {}  # type: Dict[str, Any]
+    for name, value in pairs:
+        value = _typed(value)
+        try:
+            params[_typed(name)] = json.loads(value)
+        except (ValueError, RecursionError):
+            params[_typed(name)] = value
+    return params
 
 
 def _prompt(words: "List[str]") -> "Optional[str]":
@@ -2158,8 +2241,13 @@ def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
             history = []
             notes.write("(the conversation is forgotten)\n")
         elif command == "/help":
-            notes.write(_CHAT_HELP + "\n")
+            notes.write(_CHAT_COMMANDS)
+        elif command.startswith("/") and not command.startswith("//"):
+            _complain("unknown command %s: /help lists them; start with // to send a line"
+                      " that begins with /" % command.split()[0])
         elif command:
+            if command.startswith("//"):
+                line = line.replace("/", "", 1)
             history.append({"role": "user", "content": line})
             reply = _interruptible(client, history, options, params)
             if reply.ok or (reply.stop_reason == "cancelled" and reply.content):
@@ -2240,7 +2328,25 @@ def _reply(client: Client, messages: "List[Any]", options: "Any",
         if options.no_stream:
             out.write(reply.content)
         out.end_line()
+    if options.stats:
+        _Console(sys.stderr).write(_stats(reply) + "\n")
     return reply
+
+
+def _stats(reply: Response) -> str:
+    """Tokens, the time to the first token and the rate, as Ollama's --verbose shows them."""
+    tokens = (reply.usage or {}).get("completion_tokens")
+    parts = ["%d tokens" % tokens if isinstance(tokens, int) else "tokens: not reported"]
+    first = reply.first_token_seconds
+    if first is not None:
+        parts.append("first token after %.2f s" % first)
+    if isinstance(tokens, int):  # the generation rate: the tokens after the first, over their time
+        made, took = (tokens - 1, reply.total_seconds - first) if first is not None \
+            and tokens > 1 else (tokens, reply.total_seconds)
+        if took > 0:
+            parts.append("%.1f tokens/s" % (made / took))
+    parts.append("%.2f s in all" % reply.total_seconds)
+    return ", ".join(parts)
 
 
 class _Shown:
@@ -2264,7 +2370,19 @@ def _as_json(reply: Response) -> "Dict[str, Any]":
     return {"content": reply.content, "stop_reason": reply.stop_reason, "error": reply.error,
             "status": reply.status, "model": reply.model, "id": reply.id, "usage": reply.usage,
             "tool_calls": [call.to_dict() for call in reply.tool_calls],
-            "reasoning": reply.reasoning, "refusal": reply.refusal}
+            "reasoning": reply.reasoning, "refusal": reply.refusal, "logprobs": reply.logprobs,
+            "headers": _header_dict(reply.headers),
+            "first_token_seconds": reply.first_token_seconds,
+            "total_seconds": reply.total_seconds}
+
+
+def _header_dict(headers: "http.client.HTTPMessage") -> "Dict[str, str]":
+    """Headers as a JSON object: names in lower case, repeated values joined with ", "."""
+    joined = {}  # type: Dict[str, str]
+    for name, value in headers.items():
+        name = name.lower()
+        joined[name] = joined[name] + ", " + value if name in joined else value
+    return joined
 
 
 def _report(reply: Response) -> None:

@@ -7,6 +7,7 @@ pseudo-terminal where the platform has one. Every wait is bounded.
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -231,6 +232,56 @@ class OnePromptTest(CommandLineCase):
         self.assertEqual(process.stderr.read(), b"")
 
 
+class OptionTest(CommandLineCase):
+    def test_any_request_parameter_as_name_and_value_read_as_json_or_text(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.run_cli("-o", "seed", "42", "-o", "stop", '["\\n", "END"]', "--option",
+                              "top_p", "0.9", "-o", "logit_bias", '{"50256": -100}',
+                              "-o", "response_format", '{"type": "json_object"}',
+                              "-o", "user", "ada", "-o", "ignore_eos", "true", "-o", "note", "{not json",
+                              "Hi", server=server)
+        self.assertEqual((result.status, result.out, result.err), (0, "ok\n", ""))
+        body = server.requests[0].json()
+        self.assertEqual({name: body[name] for name in ("seed", "stop", "top_p", "logit_bias",
+                                                         "response_format", "user", "ignore_eos", "note")},
+                         {"seed": 42, "stop": ["\n", "END"], "top_p": 0.9, "logit_bias": {"50256": -100},
+                          "response_format": {"type": "json_object"}, "user": "ada",
+                          "ignore_eos": True, "note": "{not json"})
+
+    def test_a_later_option_wins_and_a_missing_value_is_a_usage_error(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        self.run_cli("-t", "0.5", "-o", "temperature", "0", "-o", "seed", "1", "-o", "seed", "2",
+                     "Hi", server=server)
+        body = server.requests[0].json()
+        self.assertEqual((body["temperature"], body["seed"]), (0, 2))
+        result = self.run_cli("-o", "seed", server=server)
+        self.assertEqual(result.status, 2)
+        self.assertIn("-o/--option: expected 2 arguments", result.err)
+
+
+class StatsTest(CommandLineCase):
+    def test_stats_print_tokens_first_token_time_and_rate_on_stderr(self):
+        usage = {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}
+        server = self.serve(sse(0.2, delta("Hello "), 0.2, delta("there", "stop"),
+                                {"choices": [], "usage": usage}))
+        result = self.run_cli("--stats", "Hi", server=server)
+        self.assertEqual((result.status, result.out), (0, "Hello there\n"))
+        match = re.match(r"^20 tokens, first token after (\d+\.\d\d) s, (\d+\.\d) tokens/s,"
+                         r" (\d+\.\d\d) s in all\n$", result.err)
+        self.assertIsNotNone(match, result.err)
+        first, rate, total = (float(value) for value in match.groups())
+        self.assertGreaterEqual(first, 0.19)
+        self.assertGreaterEqual(total, first + 0.19)
+        self.assertLessEqual(rate, 20 / 0.19)  # 20 tokens over at least the 0.2 s pause
+
+    def test_stats_without_usage_and_without_stats(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.run_cli("--stats", "--no-stream", "Hi", server=server)
+        self.assertRegex(result.err, r"^tokens: not reported, first token after \d+\.\d\d s,"
+                                     r" \d+\.\d\d s in all\n$")
+        self.assertEqual(self.run_cli("Hi", server=server).err, "")
+
+
 class JSONTest(CommandLineCase):
     def test_json_prints_the_whole_response(self):
         usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -242,7 +293,13 @@ class JSONTest(CommandLineCase):
         reply = json.loads(result.out)
         self.assertEqual(reply, {"content": "Hi there", "stop_reason": "stop", "error": "",
                                  "status": 200, "model": "m", "id": "chatcmpl-1", "usage": usage,
-                                 "tool_calls": [], "reasoning": "short", "refusal": ""})
+                                 "tool_calls": [], "reasoning": "short", "refusal": "", "logprobs": None,
+                                 "headers": {"content-type": "text/event-stream",
+                                             "transfer-encoding": "chunked"},
+                                 "first_token_seconds": reply["first_token_seconds"],
+                                 "total_seconds": reply["total_seconds"]})
+        self.assertLessEqual(0, reply["first_token_seconds"])
+        self.assertLessEqual(reply["first_token_seconds"], reply["total_seconds"])
 
     def test_json_has_tool_calls_in_the_wire_shape(self):
         call = {"index": 0, "id": "call_1", "type": "function",
@@ -259,8 +316,9 @@ class JSONTest(CommandLineCase):
         self.assertEqual(result.status, 1)
         reply = json.loads(result.out)
         self.assertEqual((reply["stop_reason"], reply["error"], reply["status"]),
-                         ("error", 'HTTP 404: model "x" not found', 404))
-        self.assertEqual(result.err, 'error: HTTP 404: model "x" not found\n')
+                         ("error", 'HTTP 404: model "x" not found (POST %s/v1/chat/completions)'
+                          % server.url, 404))
+        self.assertEqual(result.err, "error: %s\n" % reply["error"])
 
     def test_json_keeps_non_ascii_readable(self):
         server = self.serve(sse(delta("caf\u00e9", "stop")))
@@ -283,7 +341,7 @@ class ModelsTest(CommandLineCase):
     def test_a_failed_listing_is_one_error_line(self):
         server = self.serve(answer({"error": "not here"}, 404))
         result = self.run_cli("--models", server=server)
-        self.assertEqual((result.status, result.out, result.err), (1, "", "error: HTTP 404: not here\n"))
+        self.assertEqual((result.status, result.out, result.err), (1, "", "error: HTTP 404: not here (GET %s/v1/models)\n" % server.url))
 
 
 # ---------------------------------------------------------------- errors and exit status
@@ -301,7 +359,8 @@ class ErrorTest(CommandLineCase):
         server = self.serve(answer({"error": {"message": "model \"nope\" not found"}}, 404))
         result = self.run_cli("--model", "nope", "Hi", server=server)
         self.assertEqual((result.status, result.out), (1, ""))
-        self.assertEqual(result.err, 'error: HTTP 404: model "nope" not found\n')
+        self.assertEqual(result.err, 'error: HTTP 404: model "nope" not found'
+                                     ' (POST %s/v1/chat/completions)\n' % server.url)
 
     def test_the_key_is_never_shown(self):
         server = self.serve(answer({"error": "invalid key " + KEY}, 401))
@@ -498,6 +557,24 @@ class ChatLoopTest(CommandLineCase):
         terminal.type("/exit\n")
         self.assertEqual(terminal.wait(), 0)
         self.assertEqual(server.requests, [])
+
+    def test_unknown_commands_are_reported_not_sent_and_help_lists_them_all(self):
+        server = self.serve(sse(delta("Sent.", "stop")))
+        terminal = self.terminal("--base-url", server.url)
+        terminal.expect("> ")
+        terminal.type("/rest\n")
+        self.assertIn("error: unknown command /rest: /help lists them", terminal.expect("> "))
+        terminal.type("/help\n")
+        listing = terminal.expect("> ")
+        for command in ("/reset", "/clear", "/exit", "/quit", "/help", "//"):
+            self.assertIn(command, listing)
+        terminal.type("//usr/bin is a folder\n")
+        self.assertIn("Sent.", terminal.expect("> "))
+        self.assertEqual(len(server.requests), 1)
+        self.assertEqual(server.requests[0].json()["messages"],
+                         [{"role": "user", "content": "/usr/bin is a folder"}])
+        terminal.type("/exit\n")
+        self.assertEqual(terminal.wait(), 0)
 
     def test_reasoning_is_dimmed_on_a_terminal(self):
         thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "thinking"}}]}

@@ -9,6 +9,7 @@ import http.client
 import importlib.util
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -399,9 +400,11 @@ class RelayTest(ExampleCase):
         self.assertEqual(server.requests[0].json()["messages"], [{"role": "user", "content": "Hi"}])
 
     def test_an_upstream_error_becomes_an_error_event(self):
-        port = self.start_relay(self.serve(answer({"error": "model not found"}, 404)))
+        server = self.serve(answer({"error": "model not found"}, 404))
+        port = self.start_relay(server)
         events = list(self.events(self.post(port, [{"role": "user", "content": "Hi"}])))
-        self.assertEqual(events, [{"error": "HTTP 404: model not found"}, "[DONE]"])
+        self.assertEqual(events, [{"error": "HTTP 404: model not found (POST %s/v1/chat/completions)"
+                                   % server.url}, "[DONE]"])
 
     def test_bad_requests_are_refused(self):
         port = self.start_relay(self.serve(sse(delta("x", "stop"))))
@@ -513,6 +516,119 @@ class RelayTest(ExampleCase):
         events = list(self.events(self.post(port, [{"role": "user", "content": "again"}])))
         self.assertEqual(events, [{"content": "next page"}, "[DONE]"])
         self.assertIsNone(self.relay.poll())
+
+
+# ---------------------------------------------------------------- every example
+
+
+NAMES = sorted(name for name in os.listdir(EXAMPLES) if name.endswith(".py"))
+INSTALLED_LLM = "raise SystemExit('an installed llm was imported, not the checkout llm.py')\n"
+
+
+class ImportTest(ExampleCase):
+    def installed_llm(self):
+        """A folder holding another package named llm (as simonw's llm is), for PYTHONPATH."""
+        site = os.path.join(self.directory, "site-packages")
+        os.makedirs(os.path.join(site, "llm"))
+        with open(os.path.join(site, "llm", "__init__.py"), "w") as f:
+            f.write(INSTALLED_LLM)
+        return site
+
+    def test_from_a_checkout_the_examples_use_its_llm_py_before_an_installed_llm(self):
+        env = {"PYTHONPATH": self.installed_llm()}
+        for name in NAMES:
+            with self.subTest(name):
+                result = self.run_example(name, "--help", env=env)
+                self.assertEqual((result.status, result.err), (0, ""))
+                self.assertIn("usage:", result.out)
+        server = self.serve(answer(message('{"a": 1}')))
+        result = self.run_example("json_reply.py", "--base-url", server.url, "Hi", env=env)
+        self.assertEqual((result.status, json.loads(result.out)), (0, {"a": 1}))
+
+    def test_a_copy_beside_llm_py_uses_that_llm_py(self):
+        shutil.copy(os.path.join(EXAMPLES, "json_reply.py"), self.directory)
+        shutil.copy(os.path.join(HERE, "llm.py"), self.directory)
+        server = self.serve(answer(message('{"b": 2}')))
+        result = run([sys.executable, os.path.join(self.directory, "json_reply.py"), "--base-url",
+                      server.url, "Hi"], b"", environment(PYTHONPATH=self.installed_llm()))
+        self.assertEqual((result.status, json.loads(result.out)), (0, {"b": 2}))
+
+
+class CleanErrorTest(ExampleCase):
+    """Each mistake in the setup is one line on stderr and a non-zero status, never a traceback."""
+
+    def assert_one_line(self, result, status, text):
+        self.assertEqual(result.status, status)
+        self.assertTrue(result.err.startswith("error: ") and result.err.count("\n") == 1, result.err)
+        self.assertIn(text, result.err)
+
+    def test_json_reply_with_a_missing_or_malformed_schema(self):
+        server = self.serve(answer(message("{}")))
+        bad = os.path.join(self.directory, "bad.json")
+        with open(bad, "w") as f:
+            f.write('{"type": "object",')
+        for schema, text in (("missing.schema.json", "cannot read the schema missing.schema.json"),
+                             (bad, "cannot read the schema %s: Expecting" % bad),
+                             (self.directory, "cannot read the schema")):
+            with self.subTest(schema):
+                result = self.run_example("json_reply.py", "--base-url", server.url, "--schema",
+                                          schema, "Hi")
+                self.assert_one_line(result, 2, text)
+        with open(bad, "w") as f:
+            f.write("[1, 2]")
+        result = self.run_example("json_reply.py", "--base-url", server.url, "--schema", bad, "Hi")
+        self.assert_one_line(result, 2, "is not a JSON object")
+        self.assertEqual(server.requests, [])
+
+    def test_the_schema_the_usage_names_is_shipped_and_sent(self):
+        with open(os.path.join(EXAMPLES, "json_reply.py"), encoding="utf-8") as f:
+            usage = f.read().split('"""')[1]
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        named = set(re.findall(r"[\w.-]+\.schema\.json", usage + readme))
+        self.assertEqual(named, {"greeting.schema.json"})
+        path = os.path.join(EXAMPLES, "greeting.schema.json")
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+        server = self.serve(answer(message('{"greeting": "Hello", "count": 1}')))
+        result = self.run_example("json_reply.py", "--base-url", server.url, "--schema", path, "Greet me")
+        self.assertEqual(json.loads(result.out), {"greeting": "Hello", "count": 1})
+        self.assertEqual(server.requests[0].json()["response_format"]["json_schema"]["schema"], schema)
+
+    def test_summarise_a_missing_file_or_a_folder(self):
+        result = self.run_example("summarise.py", "missing.txt")
+        self.assert_one_line(result, 1, "cannot read missing.txt: No such file or directory")
+        result = self.run_example("summarise.py", self.directory)
+        self.assert_one_line(result, 1, "cannot read %s" % self.directory)
+
+    def test_chatbot_forgetting_an_unknown_conversation_and_a_database_it_cannot_open(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        self.run_example("chatbot.py", "--base-url", server.url, "--id", "kept", stdin=b"Hi\n")
+        result = self.run_example("chatbot.py", "--id", "nope", "--forget")
+        self.assert_one_line(result, 1, "there is no conversation 'nope' in chat.db (--list shows them)")
+        self.assertEqual(self.run_example("chatbot.py", "--id", "kept", "--forget").status, 0)
+        result = self.run_example("chatbot.py", "--db", os.path.join("no", "such", "folder.db"), "--list")
+        self.assert_one_line(result, 1, "cannot open the database")
+        with open(os.path.join(self.directory, "text.db"), "w") as f:
+            f.write("this is not a database, " * 100)
+        result = self.run_example("chatbot.py", "--db", "text.db", "--list")
+        self.assert_one_line(result, 1, "cannot open the database text.db")
+
+    def test_compare_with_an_unset_key_variable(self):
+        server = self.serve(sse(delta("ok", "stop")))
+        result = self.run_example("compare.py", "Hi", "-b", server.url, "m", "-b", server.url, "m",
+                                  "NO_SUCH_KEY_VARIABLE")
+        self.assert_one_line(result, 2, "NO_SUCH_KEY_VARIABLE is not set: it should hold the API"
+                                        " key for %s" % server.url)
+        self.assertEqual(server.requests, [])
+
+    def test_relay_on_a_port_that_is_taken(self):
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = self.run_example("relay.py", "--port", str(taken.getsockname()[1]))
+        self.assert_one_line(result, 1, "cannot serve on 127.0.0.1:%d" % taken.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -792,7 +792,10 @@ class ServerErrorTest(LoopbackCase):
         ]
         for body, status, expected in cases:
             with self.subTest(expected=expected):
-                response = self.error_for(answer(body, status))
+                server = self.serve(answer(body, status))
+                response = self.client(server).chat(HI)
+                if status == 404:  # the method and URL tried, for a base_url with a wrong path
+                    expected += " (POST %s/v1/chat/completions)" % server.url
                 self.assertEqual((response.error, response.status), (expected, status))
 
     def test_html_and_empty_bodies_give_the_status_line(self):
@@ -1313,8 +1316,9 @@ class ConfigurationTest(LoopbackCase):
         client = self.client(server.url + "/v1/chat/completions" + query)
         response = client.chat(HI)
         self.assertIn("ak-SECRET-1", server.requests[0].path)  # sent as given
-        self.assertEqual(response.error, "HTTP 404: no route for POST /v1/chat/completions"
-                         "?api-version=2024-06-01&api-key=***&sig=***&key=***")
+        shown = "/v1/chat/completions?api-version=2024-06-01&api-key=***&sig=***&key=***"
+        self.assertEqual(response.error, "HTTP 404: no route for POST %s (POST %s%s)" % (
+            shown, server.url, shown))
         self.assertEqual(repr(client), "Client(base_url=%r, model='m', api_key='')" % (
             server.url + "/v1/chat/completions?api-version=2024-06-01&api-key=***&sig=***&key=***"))
         for url in ("ftp://h/v1" + query, "http://h:99999/v1" + query, "http://h:0/v1" + query):
@@ -1526,7 +1530,8 @@ class ModelsTest(LoopbackCase):
     def test_failures_give_an_empty_list_with_the_error(self):
         server = self.serve(answer({"error": "not here"}, 404))
         models = self.client(server).models()
-        self.assertEqual((models, models.error, models.status), ([], "HTTP 404: not here", 404))
+        self.assertEqual((models, models.error, models.status),
+                         ([], "HTTP 404: not here (GET %s/v1/models)" % server.url, 404))
         refused = llm.Client("http://127.0.0.1:%d" % free_port()).models()
         self.assertEqual(refused, [])
         self.assertIn("connection refused", refused.error)
@@ -1980,6 +1985,146 @@ class CancelWhileConnectingTest(LoopbackCase):
         self.assert_woken(url, lambda client, stream: client.cancel())
         server = self.serve(answer(message("fine")))
         self.assertEqual(self.client(server).chat(HI).content, "fine")
+
+
+# ---------------------------------------------------------------- what else the server said
+
+
+def choice_chunk(content, logprobs, finish=None):
+    """A stream chunk whose choice carries log-probabilities next to its delta."""
+    return {"id": "chatcmpl-1", "model": "m", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": content}, "logprobs": logprobs,
+                         "finish_reason": finish}]}
+
+
+def token(text, logprob):
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+
+
+class MoreOfTheReplyTest(LoopbackCase):
+    def test_headers_of_the_final_response_are_kept(self):
+        extra = "X-Request-Id: req-7\r\nx-ratelimit-remaining-tokens: 99\r\nVia: a\r\nVia: b"
+        server = self.serve(answer(message("ok"), extra=extra), sse(delta("ok", "stop")))
+        client = self.client(server)
+        reply = client.chat(HI)
+        self.assertEqual(reply.headers.get("x-request-id"), "req-7")  # any case
+        self.assertEqual(reply.headers["X-RateLimit-Remaining-Tokens"], "99")
+        self.assertEqual(reply.headers.get_all("via"), ["a", "b"])
+        streamed = client.chat_stream(HI, Writes())
+        self.assertEqual(streamed.headers.get("content-type"), "text/event-stream")
+        self.assertIsNone(streamed.headers.get("x-request-id"))
+
+    def test_headers_of_an_error_answer_and_of_no_answer(self):
+        server = self.serve(answer({"error": "slow down"}, 429, extra="Retry-After: 7\r\nX-Request-Id: r2"))
+        reply = self.client(server).chat(HI)
+        self.assertEqual((reply.error, reply.headers.get("x-request-id")), ("HTTP 429: slow down", "r2"))
+        refused = llm.Client("http://127.0.0.1:%d" % free_port()).chat(HI)
+        self.assertEqual((refused.stop_reason, list(refused.headers.items())), ("error", []))
+        self.assertEqual(list(llm.Response().headers.keys()), [])
+
+    def test_logprobs_are_joined_across_a_stream(self):
+        server = self.serve(sse(choice_chunk("Hel", {"content": [token("Hel", -0.1)]}),
+                                choice_chunk("lo", {"content": [token("lo", -0.2), token("", -0.3)]}),
+                                choice_chunk("", None, "stop")))
+        reply = self.client(server).chat_stream(HI, Writes(), logprobs=True)
+        self.assertEqual(reply.content, "Hello")
+        self.assertEqual([(t["token"], t["logprob"]) for t in reply.logprobs],
+                         [("Hel", -0.1), ("lo", -0.2), ("", -0.3)])
+        self.assertIs(server.requests[0].json()["logprobs"], True)
+
+    def test_logprobs_of_a_whole_reply_and_none_when_not_sent(self):
+        whole = message("Hi")
+        whole["choices"][0]["logprobs"] = {"content": [token("Hi", -0.5)], "refusal": None}
+        server = self.serve(answer(whole), answer(message("Hi")),
+                            sse(choice_chunk("Hi", {"content": None}, "stop")))
+        client = self.client(server)
+        self.assertEqual(client.chat(HI).logprobs, [token("Hi", -0.5)])
+        self.assertIsNone(client.chat(HI).logprobs)
+        self.assertIsNone(client.chat_stream(HI, Writes()).logprobs)
+
+    def test_time_to_first_token_and_total_time_are_recorded(self):
+        server = self.serve(sse(0.3, delta("a"), 0.3, delta("b", "stop")),
+                            [head(), 0.2, chunk(event({"choices": []})), HANG])
+        client = self.client(server, timeout=(5, 1))
+        reply = client.chat_stream(HI, Writes())
+        self.assertEqual(reply.content, "ab")
+        self.assertGreaterEqual(reply.first_token_seconds, 0.29)  # lower bounds only: never flaky
+        self.assertGreaterEqual(reply.total_seconds, reply.first_token_seconds + 0.29)
+        failed = client.chat_stream(HI, Writes())  # no token came before the read timed out
+        self.assertEqual((failed.stop_reason, failed.first_token_seconds), ("error", None))
+        self.assertGreaterEqual(failed.total_seconds, 1.0)
+        self.assertEqual((llm.Response().first_token_seconds, llm.Response().total_seconds), (None, 0.0))
+
+    def test_a_reasoning_or_tool_call_delta_is_the_first_token_too(self):
+        thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
+        server = self.serve(sse(delta(role="assistant"), 0.3, thinking, 0.3, delta("4", "stop")))
+        reply = self.client(server).chat_stream(HI, Writes())
+        self.assertGreaterEqual(reply.first_token_seconds, 0.29)
+        self.assertGreaterEqual(reply.total_seconds - reply.first_token_seconds, 0.29)
+
+
+class SetupErrorTest(LoopbackCase):
+    def test_404_and_405_name_the_method_and_url_tried(self):
+        server = self.serve(answer({"detail": "Not Found"}, 404), answer({"error": "no"}, 405))
+        reply = self.client(server.url + "/api").chat(HI)
+        self.assertEqual(server.requests[0].path, "/api/chat/completions")
+        self.assertEqual(reply.error, "HTTP 404: Not Found (POST %s/api/chat/completions)" % server.url)
+        models = self.client(server).models()
+        self.assertEqual(models.error, "HTTP 405: no (GET %s/v1/models)" % server.url)
+
+    def test_other_statuses_do_not_name_the_url(self):
+        server = self.serve(answer({"error": "bad"}, 400))
+        self.assertEqual(self.client(server).chat(HI).error, "HTTP 400: bad")
+
+    def test_a_tls_handshake_that_times_out_hints_at_http(self):
+        listener = socket.socket()  # a plain-HTTP port that waits for a request line
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel completes the TCP handshake; nobody answers the TLS one
+        port = listener.getsockname()[1]
+        reply = self.client("https://127.0.0.1:%d" % port, timeout=(0.5, 5)).chat(HI)
+        self.assertEqual(reply.error, "timed out after 0.5s in the TLS handshake with 127.0.0.1:%d"
+                         " (is it a plain HTTP server? then use an http:// URL)" % port)
+
+    def test_after_a_tls_handshake_timeout_the_next_call_connects_afresh(self):
+        # the half-made socket was kept: the next call failed with "Bad file descriptor"
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        received = []
+
+        def keep_what_comes():  # two connections at most, each read until closed or 3 s
+            for _ in range(2):
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    return
+                sock.settimeout(3)
+                data = b""
+                try:
+                    for _ in range(100):
+                        piece = sock.recv(65536)
+                        if not piece:
+                            break
+                        data += piece
+                except OSError:
+                    pass
+                sock.close()
+                received.append(data)
+
+        thread = threading.Thread(target=keep_what_comes, daemon=True)
+        thread.start()
+        client = self.client("https://127.0.0.1:%d" % listener.getsockname()[1],
+                             timeout=(0.5, 1), api_key=KEY)
+        for _ in range(2):
+            self.assertIn("TLS handshake", client.chat(HI).error)
+        thread.join(5)
+        self.assertEqual(len(received), 2)  # each call made its own connection
+        for data in received:
+            self.assertTrue(data.startswith(b"\x16\x03"), data[:40])  # a TLS ClientHello
+            self.assertNotIn(b"POST", data)
+            self.assertNotIn(KEY.encode(), data)
 
 
 def free_port():

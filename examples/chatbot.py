@@ -18,11 +18,12 @@ import sqlite3
 import sys
 import time
 
-try:
-    import llm
-except ImportError:  # run from a checkout: llm.py is one directory up
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    import llm
+HERE = os.path.dirname(os.path.abspath(__file__))
+for folder in (HERE, os.path.join(HERE, os.pardir)):  # a copy beside this file, else the
+    if os.path.isfile(os.path.join(folder, "llm.py")):  # checkout's: before any installed llm
+        sys.path.insert(0, folder)
+        break
+import llm  # noqa: E402
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -120,13 +121,22 @@ def main():
     parser.add_argument("--model", help="the model (default: LLM_MODEL)")
     parser.add_argument("--system", help="a system prompt, not stored with the history")
     options = parser.parse_args()
-    database = open_database(options.db)
+    try:
+        database = open_database(options.db)
+    except sqlite3.Error as error:  # a folder that does not exist, a file that is no database
+        print("error: cannot open the database %s: %s" % (options.db, error), file=sys.stderr)
+        return 1
     if options.list:
         list_conversations(database)
         return 0
     if options.forget:
         with database:
-            database.execute("DELETE FROM messages WHERE conversation = ?", (options.id,))
+            deleted = database.execute("DELETE FROM messages WHERE conversation = ?",
+                                       (options.id,)).rowcount
+        if not deleted:
+            print("error: there is no conversation %r in %s (--list shows them)"
+                  % (options.id, options.db), file=sys.stderr)
+            return 1
         return 0
     client = llm.Client(options.base_url, model=options.model, system=options.system)
     try:
@@ -137,4 +147,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)

@@ -22,11 +22,12 @@ import textwrap
 import threading
 import time
 
-try:
-    import llm
-except ImportError:  # run from a checkout: llm.py is one directory up
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    import llm
+HERE = os.path.dirname(os.path.abspath(__file__))
+for folder in (HERE, os.path.join(HERE, os.pardir)):  # a copy beside this file, else the
+    if os.path.isfile(os.path.join(folder, "llm.py")):  # checkout's: before any installed llm
+        sys.path.insert(0, folder)
+        break
+import llm  # noqa: E402
 
 PRINTING = threading.Lock()  # one progress line at a time
 
@@ -121,6 +122,11 @@ def main():
     for spec in options.backend or []:
         if not 2 <= len(spec) <= 3:
             parser.error("--backend takes a URL, a model and maybe a key variable, got %r" % spec)
+    for spec in options.backend or []:
+        if len(spec) == 3 and not os.environ.get(spec[2]):
+            print("error: %s is not set: it should hold the API key for %s"
+                  % (spec[2], spec[0]), file=sys.stderr)
+            return 2
     backends = [Backend(*spec) for spec in options.backend or []] or [Backend(None, None)]
     ask_all(backends, options.prompt, options.timeout)
     print(side_by_side(backends, options.width))
@@ -128,4 +134,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)

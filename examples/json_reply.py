@@ -2,7 +2,7 @@
 
 Usage:
     python json_reply.py "Three facts about Mars, as {\\"facts\\": [...]}"
-    python json_reply.py --schema person.schema.json "Ada Lovelace"
+    python json_reply.py --schema greeting.schema.json "Greet me"   # the schema beside this file
     python json_reply.py --no-format "List two colours as a JSON array"
 
 The request asks for JSON with ``response_format``: ``{"type": "json_object"}``,
@@ -22,11 +22,12 @@ import os
 import re
 import sys
 
-try:
-    import llm
-except ImportError:  # run from a checkout: llm.py is one directory up
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    import llm
+HERE = os.path.dirname(os.path.abspath(__file__))
+for folder in (HERE, os.path.join(HERE, os.pardir)):  # a copy beside this file, else the
+    if os.path.isfile(os.path.join(folder, "llm.py")):  # checkout's: before any installed llm
+        sys.path.insert(0, folder)
+        break
+import llm  # noqa: E402
 
 SYSTEM = "Reply with one JSON value and nothing else: no prose, no code fences."
 FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -53,13 +54,22 @@ def parse(text):
     raise first_error
 
 
+class BadSchema(Exception):
+    pass
+
+
 def response_format(options):
     if options.no_format:
         return None
     if not options.schema:
         return {"type": "json_object"}
-    with open(options.schema, encoding="utf-8") as f:
-        schema = json.load(f)
+    try:
+        with open(options.schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as error:  # missing, unreadable, or not JSON
+        raise BadSchema("cannot read the schema %s: %s" % (options.schema, error))
+    if not isinstance(schema, dict):
+        raise BadSchema("the schema %s is not a JSON object" % options.schema)
     return {"type": "json_schema",
             "json_schema": {"name": "reply", "schema": schema, "strict": True}}
 
@@ -75,7 +85,11 @@ def main():
     options = parser.parse_args()
     client = llm.Client(options.base_url, model=options.model, system=SYSTEM)
     messages = [{"role": "user", "content": options.prompt}]
-    wanted = response_format(options)
+    try:
+        wanted = response_format(options)
+    except BadSchema as error:
+        print("error: %s" % error, file=sys.stderr)
+        return 2
     for attempt in range(1, max(1, options.attempts) + 1):
         reply = client.chat(messages, response_format=wanted, temperature=0)
         if not reply.ok:
@@ -96,4 +110,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)

@@ -39,11 +39,12 @@ except ImportError:  # Python 3.6
     class ThreadingHTTPServer(ThreadingMixIn, HTTPServer):
         daemon_threads = True
 
-try:
-    import llm
-except ImportError:  # run from a checkout: llm.py is one directory up
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    import llm
+HERE = os.path.dirname(os.path.abspath(__file__))
+for folder in (HERE, os.path.join(HERE, os.pardir)):  # a copy beside this file, else the
+    if os.path.isfile(os.path.join(folder, "llm.py")):  # checkout's: before any installed llm
+        sys.path.insert(0, folder)
+        break
+import llm  # noqa: E402
 
 MAX_BODY = 1024 * 1024  # bytes of conversation a page may post
 ROLES = ("system", "user", "assistant")
@@ -232,7 +233,12 @@ def main():
     parser.add_argument("--system", help="a system prompt")
     options = parser.parse_args()
     Relay.client = llm.Client(options.base_url, model=options.model, system=options.system)
-    server = ThreadingHTTPServer((options.host, options.port), Relay)
+    try:
+        server = ThreadingHTTPServer((options.host, options.port), Relay)
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        print("error: cannot serve on %s:%d: %s" % (options.host, options.port,
+                                                   error.strerror or error), file=sys.stderr)
+        return 1
     server.daemon_threads = True
     host, port = server.server_address[:2]
     Relay.hosts = served_hosts(host, port)
@@ -248,4 +254,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)

@@ -20,11 +20,12 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-try:
-    import llm
-except ImportError:  # run from a checkout: llm.py is one directory up
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    import llm
+HERE = os.path.dirname(os.path.abspath(__file__))
+for folder in (HERE, os.path.join(HERE, os.pardir)):  # a copy beside this file, else the
+    if os.path.isfile(os.path.join(folder, "llm.py")):  # checkout's: before any installed llm
+        sys.path.insert(0, folder)
+        break
+import llm  # noqa: E402
 
 SYSTEM = "You summarise documents faithfully and concisely. Keep names, numbers and decisions."
 MAX_ROUNDS = 4  # of summarising summaries, before the merge
@@ -98,8 +99,13 @@ def main():
     if options.file == "-":
         text, name = sys.stdin.read(), "a text"
     else:
-        with open(options.file, encoding="utf-8", errors="replace") as f:
-            text, name = f.read(), "the file %s" % os.path.basename(options.file)
+        try:
+            with open(options.file, encoding="utf-8", errors="replace") as f:
+                text, name = f.read(), "the file %s" % os.path.basename(options.file)
+        except OSError as error:  # missing, a folder, not readable
+            print("error: cannot read %s: %s" % (options.file, error.strerror or error),
+                  file=sys.stderr)
+            return 1
     client = llm.Client(options.base_url, model=options.model, system=SYSTEM)
     try:
         return run(client, text, name, options)
@@ -138,4 +144,7 @@ def run(client, text, name, options):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)

@@ -26,11 +26,12 @@ import os
 import re
 import sys
 
-try:
-    import llm
-except ImportError:  # run from a checkout: llm.py is one directory up
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    import llm
+HERE = os.path.dirname(os.path.abspath(__file__))
+for folder in (HERE, os.path.join(HERE, os.pardir)):  # a copy beside this file, else the
+    if os.path.isfile(os.path.join(folder, "llm.py")):  # checkout's: before any installed llm
+        sys.path.insert(0, folder)
+        break
+import llm  # noqa: E402
 
 TOOLS = [
     {"type": "function", "function": {
@@ -165,4 +166,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        sys.exit(130)
