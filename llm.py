@@ -79,6 +79,7 @@ _MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refu
 _VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
 _CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost before parsing
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
+_LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
@@ -1078,6 +1079,7 @@ class _Call:
         self.done = False
         self.headers = None  # type: Optional[http.client.HTTPMessage]
         self.logprobs = None  # type: Optional[List[Any]]
+        self.kept_logprobs = 0  # log-probability entries kept, top_logprobs included
         self.started = 0.0
         self.first_token = None  # type: Optional[float]
         self.seconds = 0.0
@@ -1599,6 +1601,12 @@ class _Call:
         """Keep a choice's log-probabilities, and the time of the first token."""
         logprobs = _field(choice.get("logprobs"), "content")
         if isinstance(logprobs, list):
+            self.kept_logprobs += len(logprobs) + sum(  # each costs some hundred bytes kept
+                len(entry["top_logprobs"]) for entry in logprobs if isinstance(entry, dict)
+                and isinstance(entry.get("top_logprobs"), list))
+            if self.kept_logprobs > self.client._max_bytes // _LOGPROB_COST:
+                raise _Failure("the reply carries more log-probabilities than max_bytes"
+                               " (%d bytes) allows to keep" % self.client._max_bytes)
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(logprobs)
@@ -2323,7 +2331,8 @@ def _reply(client: Client, messages: "List[Any]", options: "Any",
         thoughts.write(reply.reasoning[thoughts.written:])
         thoughts.end_line()
     if options.json:
-        out.write(json.dumps(_as_json(reply), indent=2, ensure_ascii=not _utf8(sys.stdout)) + "\n")
+        out.write(json.dumps(_as_json(reply, client._secrets), indent=2,
+                             ensure_ascii=not _utf8(sys.stdout)) + "\n")
     else:
         if options.no_stream:
             out.write(reply.content)
@@ -2366,21 +2375,22 @@ class _Shown:
             self.thoughts.write(text)
 
 
-def _as_json(reply: Response) -> "Dict[str, Any]":
+def _as_json(reply: Response, secrets: "List[str]") -> "Dict[str, Any]":
     return {"content": reply.content, "stop_reason": reply.stop_reason, "error": reply.error,
             "status": reply.status, "model": reply.model, "id": reply.id, "usage": reply.usage,
             "tool_calls": [call.to_dict() for call in reply.tool_calls],
             "reasoning": reply.reasoning, "refusal": reply.refusal, "logprobs": reply.logprobs,
-            "headers": _header_dict(reply.headers),
+            "headers": _header_dict(reply.headers, secrets),
             "first_token_seconds": reply.first_token_seconds,
             "total_seconds": reply.total_seconds}
 
 
-def _header_dict(headers: "http.client.HTTPMessage") -> "Dict[str, str]":
-    """Headers as a JSON object: names in lower case, repeated values joined with ", "."""
+def _header_dict(headers: "http.client.HTTPMessage", secrets: "List[str]") -> "Dict[str, str]":
+    """Headers as a JSON object: names in lower case, repeated values joined with ", ",
+    and any secret of the client's that a server echoes in them redacted."""
     joined = {}  # type: Dict[str, str]
     for name, value in headers.items():
-        name = name.lower()
+        name, value = name.lower(), _redact(value, secrets)
         joined[name] = joined[name] + ", " + value if name in joined else value
     return joined
 

@@ -122,6 +122,14 @@ class OnePromptTest(CommandLineCase):
         self.assertEqual(json.loads(result.out)["refusal"], "I can't help with that.")
         self.assertEqual(json.loads(result.out)["stop_reason"], "refusal")
 
+    def test_json_never_shows_a_key_the_server_echoes_in_a_header(self):
+        server = self.serve([head(extra="X-Seen-Authorization: Bearer " + KEY)]
+                            + sse(delta("ok", "stop"))[1:])
+        result = self.run_cli("--json", "--key", KEY, "Hi", server=server)
+        self.assertEqual(result.status, 0)
+        self.assertNotIn(KEY, result.out)
+        self.assertEqual(json.loads(result.out)["headers"]["x-seen-authorization"], "Bearer ***")
+
     def test_words_of_the_prompt_are_joined(self):
         server = self.serve(sse(delta("ok", "stop")))
         self.run_cli("Why", "is", "the", "sky", "blue?", server=server)

@@ -1300,6 +1300,21 @@ class BoundedWorkTest(HostileCase):
         response = self.assert_memory_bounded(lambda: client.chat(HI), 4 * MIB)
         self.assertEqual(response.content, text)
 
+    def test_log_probabilities_are_kept_within_max_bytes(self):
+        limit = MIB
+
+        def logprob_chunk(n):
+            entry = {"token": "t", "logprob": -0.5, "bytes": [116],
+                     "top_logprobs": [{"token": "t%d" % k, "logprob": -1.0, "bytes": [116]}
+                                      for k in range(5)]}
+            return {"choices": [{"index": 0, "delta": {"content": "t"}, "logprobs": {"content": [entry]}}]}
+        client = self.client(self.serve(sse(*[logprob_chunk(n) for n in range(3000)])), max_bytes=limit)
+        response = self.assert_memory_bounded(lambda: client.chat_stream(HI, Writes()), limit)
+        self.assertEqual(response.error, "the reply carries more log-probabilities than max_bytes"
+                         " (%d bytes) allows to keep" % limit)
+        self.assertLessEqual(len(response.logprobs) * 6, limit // llm._LOGPROB_COST + 6)
+        self.assertEqual(len(response.content), len(response.logprobs))  # nothing lost before it
+
     # found: a huge usage object stayed alive in the Response
     def test_usage_keeps_only_the_token_counts(self):
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "junk": "x" * MIB,
