@@ -1264,6 +1264,8 @@ class _Call:
             try:
                 self._attach(sock)
                 sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
                 sock.connect(where)
                 return sock
             except OSError as exc:
