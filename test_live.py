@@ -930,8 +930,9 @@ class Concurrency(LiveTestCase):
         self.assertEqual(out.text, reply.content)
         self.assertLess(elapsed, 1.0 + CANCEL_GRACE)
         self.assertGreaterEqual(elapsed, 0.9)
-        if server().exact:
-            self.assertTrue(reply.content.startswith(HELLO), reply.content[:80])
+        if server().exact:  # as far as a loaded server got in a second
+            self.assertTrue(reply.content.startswith(HELLO) or HELLO.startswith(reply.content),
+                            reply.content[:80])
         bounded.close()
 
     def test_deadline_shorter_than_non_streamed_generation_gives_error(self):

@@ -3,6 +3,7 @@
 #
 #   .ci/live.sh                          llama.cpp's llama-server
 #   LIVE_SERVER=vllm .ci/live.sh         vLLM's OpenAI server (CPU build)
+#   LIVE_SERVER=litellm .ci/live.sh      a LiteLLM proxy in front of llama-server
 #
 # PYTHONS (or PYTHON) names the interpreters that run the tests, one run each
 # (default python3). Starts two servers with the tiny deterministic model of
@@ -20,7 +21,10 @@
 # llama-server is built on first use (~5 min; REALSERVER_HOME keeps it). vLLM is
 # installed on first use into VLLM_HOME (default ~/.cache/llm-py/vllm; ~3.4 GB,
 # 3-7 min) and takes 50-90 s to start; it needs a CPython 3.11 (VLLM_PYTHON,
-# default REALSERVER_PYTHON).
+# default REALSERVER_PYTHON). LiteLLM (litellm[proxy] and prisma, pinned) installs
+# on first use into LITELLM_HOME (default ~/.cache/llm-py/litellm; ~2.5 min); it
+# runs with a master key and no database, so that a wrong key is its
+# HTTP 400 "No connected db." (a skip that names it), not a 401.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -35,11 +39,15 @@ OTHERS="checks [a-zA-Z.-]+.s own words; this server is"  # another server's word
 case "$KIND" in
   llama.cpp) START="$SHARED/start.sh"
     ALLOWED="${LIVE_ALLOWED_SKIPS-^$OTHERS}" ;;
+  litellm) START="$SHARED/start.sh"
+    ALLOWED="${LIVE_ALLOWED_SKIPS-^($OTHERS|the server answers a wrong key with HTTP 400, not 401: No connected db)}"
+    LITELLM_HOME="${LITELLM_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-py/litellm}"
+    LITELLM_PYTHON="${LITELLM_PYTHON:-${REALSERVER_PYTHON:-python3}}" ;;
   vllm) START="$SHARED/vllm/start_vllm.sh"
     ALLOWED="${LIVE_ALLOWED_SKIPS-^($OTHERS|the server announces no)}"
     export VLLM_HOME="${VLLM_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-py/vllm}"
     export PYTHON="${VLLM_PYTHON:-${REALSERVER_PYTHON:-python3.11}}" ;;
-  *) echo "live.sh: LIVE_SERVER is llama.cpp or vllm, not $KIND" >&2; exit 2 ;;
+  *) echo "live.sh: LIVE_SERVER is llama.cpp, vllm or litellm, not $KIND" >&2; exit 2 ;;
 esac
 if [ ! -f "$START" ]; then
   echo "live.sh: cannot find $START" >&2
@@ -51,7 +59,7 @@ missing=()
 for tool in cmake g++ make curl; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
-if [ "$KIND" = llama.cpp ] && [ ${#missing[@]} -gt 0 ]; then
+if [ "$KIND" != vllm ] && [ ${#missing[@]} -gt 0 ]; then
   echo "live.sh: installing ${missing[*]}" >&2
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -97,6 +105,36 @@ launch() {  # FILE PORT [server args...]: start one server, its READY line into 
   fi
 }
 
+litellm_proxy() {  # FILE PORT UPSTREAM_PORT KEY: a LiteLLM proxy, its READY line into FILE
+  local venv="$LITELLM_HOME/venv" config="$LITELLM_HOME/config-$2.yaml" log="$LITELLM_HOME/proxy-$2.log" pid
+  mkdir -p "$LITELLM_HOME"
+  if [ ! -f "$venv/.litellm-1.108.7-ok" ]; then
+    [ -x "$venv/bin/python" ] || "$LITELLM_PYTHON" -m venv "$venv"
+    # prisma: without it a request with no key is a 500, not a 401
+    "$venv/bin/pip" install -q "litellm[proxy]==1.108.7" prisma > "$LITELLM_HOME/pip-install.log" 2>&1 \
+      || { echo "live.sh: cannot install litellm" > "$1"; return 1; }
+    touch "$venv/.litellm-1.108.7-ok"
+  fi
+  printf '%s\n' "model_list:" "  - model_name: tiny" "    litellm_params:" "      model: openai/tiny" \
+    "      api_base: http://127.0.0.1:$3/v1" "      api_key: none" \
+    "general_settings:" "  master_key: $4" > "$config"
+  LITELLM_LOCAL_MODEL_COST_MAP=True nohup "$venv/bin/litellm" --config "$config" \
+    --host 127.0.0.1 --port "$2" > "$log" 2>&1 < /dev/null &
+  pid=$!
+  for _ in $(seq 1 900); do  # up to 3 minutes
+    kill -0 "$pid" 2>/dev/null || break
+    if "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$2/health/readiness', timeout=2)" 2>/dev/null; then
+      echo "READY http://127.0.0.1:$2 pid=$pid log=$log" > "$1"
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "live.sh: the LiteLLM proxy did not start" > "$1"
+  tail -n 20 "$log" > "$1.err"
+  kill "$pid" 2>/dev/null || true
+  return 1
+}
+
 took() {  # FILE: the READY line's pid and log, or fail
   local line
   line="$(tail -n 1 "$1" 2>/dev/null || true)"
@@ -132,12 +170,20 @@ if [ "$KIND" = vllm ]; then
     launch "$MAIN_FILE" "$MAIN_PORT" || true
     launch "$AUTH_FILE" "$AUTH_PORT" --api-key "$AUTH_KEY" || true
   fi
+elif [ "$KIND" = litellm ]; then  # llama-server behind it; the proxy wants AUTH_KEY
+  UPSTREAM_PORT="$(free_port)"
+  launch "$MAIN_FILE" "$UPSTREAM_PORT" || true
+  took "$MAIN_FILE"
+  litellm_proxy "$MAIN_FILE" "$MAIN_PORT" "$UPSTREAM_PORT" "$AUTH_KEY" || true
+  AUTH_PORT="$MAIN_PORT"
 else
   launch "$MAIN_FILE" "$MAIN_PORT" || true
   launch "$AUTH_FILE" "$AUTH_PORT" --api-key "$AUTH_KEY" || true
 fi
 took "$MAIN_FILE"
-took "$AUTH_FILE"
+[ "$KIND" = litellm ] || took "$AUTH_FILE"
+MAIN_KEY=""
+[ "$KIND" != litellm ] || MAIN_KEY="$AUTH_KEY"
 echo "live.sh: two $KIND servers up in $(( $(date +%s) - began ))s" >&2
 
 OUTPUT="$(mktemp)"
@@ -148,7 +194,7 @@ for py in "${PYS[@]}"; do
   set +e
   env LLM_TEST_BASE_URL="http://127.0.0.1:$MAIN_PORT" \
       LLM_TEST_MODEL=tiny \
-      LLM_TEST_API_KEY= \
+      LLM_TEST_API_KEY="$MAIN_KEY" \
       LLM_TEST_AUTH_BASE_URL="http://127.0.0.1:$AUTH_PORT" \
       LLM_TEST_AUTH_KEY="$AUTH_KEY" \
       LLM_TEST_EXACT=1 \
