@@ -170,10 +170,10 @@ class _Server:
     evidence = "nothing it says names it"  # how the kind was told
 
 
-def root_json(path):
+def root_json(path, timeout=5.0):
     """GET ``path`` below the host root: the JSON answer of a 200, else None."""
     try:
-        status, _, body = raw_request("GET", path, root=True, timeout=5.0)
+        status, _, body = raw_request("GET", path, root=True, timeout=timeout)
         return json.loads(body.decode("utf-8", "replace")) if status == 200 else None
     except (OSError, ValueError, http.client.HTTPException):
         return None
@@ -201,7 +201,7 @@ def detect(headers, entries):
         return "vllm", "/v1/models owned_by vllm, GET /version %s" % (version or {}).get("version")
     if isinstance(root_json("/api/version"), dict):
         return "ollama", "GET /api/version"
-    spec = root_json("/openapi.json")
+    spec = root_json("/openapi.json", timeout=30.0)  # LiteLLM makes its 2 MB in 7 s
     title = ((spec or {}).get("info") or {}).get("title", "") if isinstance(spec, dict) else ""
     if "llama.cpp python" in str(title).lower():
         return "llama-cpp-python", "/openapi.json title %r" % title
