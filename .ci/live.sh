@@ -14,8 +14,9 @@
 # servers by PID, and exits with the tests' status.
 #
 # A skip counts as a failure, except those that say why the check does not
-# apply to this server (another server's own words; for vLLM, the Keep-Alive
-# cases, as uvicorn announces no Keep-Alive limits). LIVE_ALLOWED_SKIPS (an
+# apply to this server (another server's own words; for vLLM and LiteLLM, the
+# Keep-Alive cases, as uvicorn announces no Keep-Alive limits; LiteLLM's 400 for
+# a wrong key). LIVE_ALLOWED_SKIPS (an
 # extended regular expression matched against the skip reasons) replaces that list.
 #
 # llama-server is built on first use (~5 min; REALSERVER_HOME keeps it). vLLM is
@@ -40,7 +41,7 @@ case "$KIND" in
   llama.cpp) START="$SHARED/start.sh"
     ALLOWED="${LIVE_ALLOWED_SKIPS-^$OTHERS}" ;;
   litellm) START="$SHARED/start.sh"
-    ALLOWED="${LIVE_ALLOWED_SKIPS-^($OTHERS|the server answers a wrong key with HTTP 400, not 401: No connected db)}"
+    ALLOWED="${LIVE_ALLOWED_SKIPS-^($OTHERS|the server announces no|the server answers a wrong key with HTTP 400, not 401: No connected db)}"
     LITELLM_HOME="${LITELLM_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/llm-py/litellm}"
     LITELLM_PYTHON="${LITELLM_PYTHON:-${REALSERVER_PYTHON:-python3}}" ;;
   vllm) START="$SHARED/vllm/start_vllm.sh"
