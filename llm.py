@@ -2196,6 +2196,10 @@ def _typed(text: str) -> str:
         try:
             return os.fsencode(text).decode("utf-8", "replace")
         except (UnicodeError, ValueError):
+            pass
+        try:  # PyPy in a C locale: arguments decoded as UTF-8, an ASCII file system encoding
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeError:
             return text.encode("utf-8", "replace").decode("utf-8")
 
 

@@ -163,6 +163,7 @@ class Server:
             threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
 
     def _serve(self, sock, number):
+        reader = None
         try:
             sock.settimeout(10)
             if self.context is not None:
@@ -173,7 +174,9 @@ class Server:
         except (OSError, ValueError):
             pass
         finally:
-            try:
+            try:  # the reader holds the socket open until closed (PyPy has no refcounting)
+                if reader is not None:
+                    reader.close()
                 sock.close()
             except OSError:
                 pass
@@ -1032,6 +1035,7 @@ class Proxy:
     def _serve(self, sock):
         sock.settimeout(10)
         upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        reader = None
         try:
             reader = sock.makefile("rb")
             lines = [reader.readline()]
@@ -1048,6 +1052,8 @@ class Proxy:
         except OSError:
             pass
         finally:
+            if reader is not None:
+                reader.close()
             upstream.close()
             sock.close()
 

@@ -1,7 +1,8 @@
-"""Replay tests: the bytes a real llama-server sent, played back to llm.py.
+"""Replay tests: the bytes a real llama-server and a real vLLM sent, played back to llm.py.
 
 ``testdata/llama_server/NAME.bin`` holds one answer exactly as llama.cpp's
-``llama-server`` sent it (status line, headers, chunked framing and all), and
+``llama-server`` sent it (status line, headers, chunked framing and all;
+``testdata/vllm/`` the same from vLLM's OpenAI server), and
 ``NAME.txt`` the request and the socket reads it came in; ``tools/record.py``
 makes both. Each test here serves a recording byte for byte from a loopback
 server in a thread, cut into several chunkings, and checks what llm.py makes
@@ -26,6 +27,7 @@ import unittest
 import llm
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "llama_server")
+VLLM = os.path.join(os.path.dirname(DATA), "vllm")
 HELLO = "Hello from a tiny llama!"
 TOKENS = ["Hello", " from", " a", " tiny", " llama", "!"]
 ASK = [{"role": "user", "content": "Say hello."}]
@@ -40,12 +42,12 @@ WAIT = 5.0  # no single step of a replay may take longer than this
 # ---------------------------------------------------------------- the recordings
 
 
-def recording(name):
+def recording(name, folder=DATA):
     """(the answer's bytes, the socket reads they arrived in)."""
-    with open(os.path.join(DATA, name + ".bin"), "rb") as f:
+    with open(os.path.join(folder, name + ".bin"), "rb") as f:
         data = f.read()
     reads = []
-    with open(os.path.join(DATA, name + ".txt"), encoding="utf-8") as f:
+    with open(os.path.join(folder, name + ".txt"), encoding="utf-8") as f:
         for line in f:
             if line.startswith("recv +"):
                 reads.append(ast.literal_eval(line.split(" ", 2)[2].strip()))
@@ -78,9 +80,12 @@ class Expected:
         self.streamed = b"text/event-stream" in head.lower()
         self.keep_alive = b"connection: close" not in head.lower()
         self.content, self.finish, self.usage, self.error, self.done = "", None, None, "", False
-        self.deltas, self.calls = [], {}
+        self.deltas, self.calls, self.reasoning = [], {}, ""
         if self.status != 200:
-            self.error = json.loads(body.decode("utf-8"))["error"]["message"]
+            answer = json.loads(body.decode("utf-8"))
+            error = answer.get("error", answer.get("detail"))  # vLLM: "Unauthorized", FastAPI's detail
+            error = error["message"] if isinstance(error, dict) else error
+            self.error = " ".join(error.split())  # one line, as llm.py gives it
         elif self.streamed:
             for event in body.decode("utf-8").split("\n\n"):
                 if not event.startswith("data: "):
@@ -105,6 +110,7 @@ class Expected:
             part = choice.get(key) or {}
             if part.get("content"):
                 self.deltas.append(part["content"])
+            self.reasoning += part.get("reasoning_content") or part.get("reasoning") or ""
             for number, call in enumerate(part.get("tool_calls") or []):
                 index = call.get("index", number)
                 entry = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
@@ -339,8 +345,8 @@ class RecordingsTest(unittest.TestCase):
 class StreamReplayTest(unittest.TestCase):
     """Streamed answers, each in every chunking."""
 
-    def check_stream(self, name, chunkings=CHUNKINGS):
-        data, reads = recording(name)
+    def check_stream(self, name, chunkings=CHUNKINGS, folder=DATA):
+        data, reads = recording(name, folder)
         expected = Expected(data)
         plans = [(reads, 0.001, "as recorded")] + [
             (cut(data), pause, cut.__name__) for cut, pause in chunkings]
@@ -363,6 +369,7 @@ class StreamReplayTest(unittest.TestCase):
                                  [(c["id"], c["name"], c["arguments"])
                                   for _, c in sorted(expected.calls.items())])
                 self.assertEqual(response.model, "tiny")
+                self.assertEqual(response.reasoning, expected.reasoning)
                 results.append(written)
         return expected, results
 
@@ -487,8 +494,8 @@ class CutShortTest(unittest.TestCase):
 class ReplyReplayTest(unittest.TestCase):
     """Non-streamed answers (Content-Length bodies)."""
 
-    def check_reply(self, name):
-        data, _ = recording(name)
+    def check_reply(self, name, folder=DATA):
+        data, _ = recording(name, folder)
         expected = Expected(data)
         for cut, pause in CHUNKINGS[:5]:
             with self.subTest(recording=name, chunking=cut.__name__):
@@ -498,6 +505,7 @@ class ReplyReplayTest(unittest.TestCase):
                 self.assertEqual(response.stop_reason, expected.finish)
                 self.assertEqual(response.usage, expected.usage)
                 self.assertEqual(response.status, 200)
+                self.assertEqual(response.reasoning, expected.reasoning)
                 self.assertEqual([(c.id, c.name, c.arguments) for c in response.tool_calls],
                                  [(c["id"], c["name"], c["arguments"])
                                   for _, c in sorted(expected.calls.items())])
@@ -529,8 +537,8 @@ class ReplyReplayTest(unittest.TestCase):
 
 class ErrorReplayTest(unittest.TestCase):
 
-    def check_error(self, name, streamed, **options):
-        data, _ = recording(name)
+    def check_error(self, name, streamed, folder=DATA, **options):
+        data, _ = recording(name, folder)
         expected = Expected(data)
         for cut, pause in CHUNKINGS[:5]:
             with self.subTest(recording=name, chunking=cut.__name__):
@@ -623,6 +631,164 @@ class ConnectionReuseTest(unittest.TestCase):
             ["stream_error_midway", "stream_usage"], streamed=True)
         self.assertEqual([r.stop_reason for r in responses], ["error", "stop"])
         self.assertEqual(responses[1].content, HELLO)
+
+
+# ---------------------------------------------------------------- vLLM's answers
+
+
+VLLM_STREAMS = ("stream_usage", "stream_no_usage", "stream_length", "stream_tool_call",
+                "stream_json_schema", "stream_include_usage_yes", "stream_n2", "stream_reasoning")
+VLLM_REPLIES = ("chat", "chat_length", "chat_tool_call", "chat_reasoning")
+VLLM_ERRORS = ("error_context_stream", "error_context", "error_bad_json", "error_auth",
+               "error_unknown_model", "error_unknown_path")
+
+
+def vllm_payloads(name):
+    """The JSON events of a recorded vLLM stream, in order."""
+    _, body, _ = split_answer(recording(name, VLLM)[0])
+    return [json.loads(event[len("data: "):]) for event in body.decode("utf-8").split("\n\n")
+            if event.startswith("data: {")]
+
+
+class VLLMReplayTest(unittest.TestCase):
+    """vLLM 0.32 (CPU build) serving the same tiny model: where its shapes differ."""
+
+    check_stream = StreamReplayTest.check_stream
+    check_reply = ReplyReplayTest.check_reply
+    check_error = ErrorReplayTest.check_error
+
+    def test_recordings_match_their_read_logs(self):
+        for name in VLLM_STREAMS + VLLM_REPLIES + VLLM_ERRORS:
+            data, reads = recording(name, VLLM)
+            self.assertIn(b"\r\nserver: uvicorn\r\n", data, name)
+            self.assertEqual(b"".join(reads), data, name)
+            Expected(data)
+
+    def test_empty_string_first_delta_writes_nothing(self):
+        first = vllm_payloads("stream_usage")[0]["choices"][0]["delta"]
+        self.assertEqual(first, {"role": "assistant", "content": ""})
+        expected, results = self.check_stream("stream_usage", folder=VLLM)
+        self.assertEqual((expected.content, expected.finish), (HELLO, "stop"))
+        self.assertEqual(results[0], TOKENS)  # no "" write for the first delta
+        self.assertEqual(expected.usage["completion_tokens"], 7)
+
+    def test_stream_without_usage_has_no_usage(self):
+        expected, _ = self.check_stream("stream_no_usage", folder=VLLM)
+        self.assertIsNone(expected.usage)
+
+    def test_finish_reason_on_the_last_content_chunk(self):
+        last = [p for p in vllm_payloads("stream_length") if p["choices"]][-1]["choices"][0]
+        self.assertEqual((last["delta"], last["finish_reason"]), ({"content": " a"}, "length"))
+        expected, results = self.check_stream("stream_length", folder=VLLM)
+        self.assertEqual((expected.content, expected.finish), ("Hello from a", "length"))
+        self.assertEqual(results[0], ["Hello", " from", " a"])
+
+    def test_two_tool_call_entries_with_one_index_in_one_delta(self):
+        calls = [p["choices"][0]["delta"].get("tool_calls") for p in vllm_payloads("stream_tool_call")
+                 if p["choices"]]
+        first = [c for c in calls if c][0]
+        self.assertEqual([entry["index"] for entry in first], [0, 0])
+        self.assertEqual(first[0]["function"], {"name": "get_weather"})
+        self.assertEqual(first[1]["function"], {"arguments": '{"city": "'})
+        expected, results = self.check_stream("stream_tool_call", folder=VLLM)
+        self.assertEqual(expected.finish, "tool_calls")
+        self.assertEqual(results[0], [])
+        for chunking in (whole, every(1), lines):
+            response, _, _ = replay(recording("stream_tool_call", VLLM)[0] if chunking is whole
+                                    else (chunking(recording("stream_tool_call", VLLM)[0]), 0.0))
+            self.assertEqual(len(response.tool_calls), 1, response.tool_calls)
+            call = response.tool_calls[0]
+            self.assertTrue(call.id.startswith("chatcmpl-tool-"), call.id)
+            self.assertEqual(call.name, "get_weather")
+            # re-serialized by vLLM's tool parser: a space after the colon, kept as sent
+            self.assertEqual(call.arguments, '{"city": "Hello from a tiny llama!"}')
+            self.assertEqual(call.args, {"city": HELLO})
+
+    def test_chat_tool_call_arguments_re_serialized(self):
+        expected, response = self.check_reply("chat_tool_call", folder=VLLM)
+        self.assertEqual(expected.finish, "tool_calls")
+        self.assertEqual(response.tool_calls[0].arguments, json.dumps({"city": HELLO}))
+        message = response.to_message()
+        self.assertIsNone(message["content"])
+        self.assertEqual(message["tool_calls"][0]["function"]["arguments"],
+                         json.dumps({"city": HELLO}))
+
+    def test_chat_and_length(self):
+        expected, response = self.check_reply("chat", folder=VLLM)
+        self.assertEqual((expected.content, response.usage["completion_tokens"]), (HELLO, 7))
+        expected, _ = self.check_reply("chat_length", folder=VLLM)
+        self.assertEqual((expected.content, expected.finish), ("Hello from a", "length"))
+
+    def test_stream_json_schema(self):
+        expected, _ = self.check_stream("stream_json_schema", chunkings=CHUNKINGS[:3], folder=VLLM)
+        self.assertEqual(json.loads(expected.content), {"greeting": HELLO, "count": 1})
+
+    def test_include_usage_yes_is_a_normal_stream(self):
+        expected, _ = self.check_stream("stream_include_usage_yes", CHUNKINGS[:3], folder=VLLM)
+        self.assertEqual(expected.usage["completion_tokens"], 7)
+
+    def test_interleaved_two_choices_keep_the_first(self):
+        indexes = [p["choices"][0]["index"] for p in vllm_payloads("stream_n2") if p["choices"]]
+        self.assertIn([0, 1, 0], [indexes[i:i + 3] for i in range(len(indexes) - 2)])
+        response, written, _ = replay(recording("stream_n2", VLLM)[0])
+        self.assertEqual((response.content, "".join(written)), (HELLO, HELLO))
+        self.assertEqual(response.stop_reason, "stop")
+
+    def test_reasoning_field_is_kept_as_reasoning(self):
+        # --reasoning-parser deepseek_r1 with no </think>: all text is reasoning,
+        # under the field name "reasoning", and content stays null
+        deltas = [p["choices"][0]["delta"] for p in vllm_payloads("stream_reasoning") if p["choices"]]
+        self.assertTrue(any("reasoning" in d for d in deltas), deltas)
+        self.assertFalse(any("reasoning_content" in d for d in deltas), deltas)
+        expected, results = self.check_stream("stream_reasoning", CHUNKINGS[:4], folder=VLLM)
+        self.assertEqual((expected.reasoning, expected.content), (HELLO, ""))
+        self.assertEqual(results[0], [])
+        response, _, _ = replay(recording("stream_reasoning", VLLM)[0])
+        message = response.to_message()
+        self.assertEqual(message.get("reasoning"), HELLO)
+        self.assertNotIn("reasoning_content", message)
+        expected, response = self.check_reply("chat_reasoning", folder=VLLM)
+        self.assertEqual((response.reasoning, response.content), (HELLO, ""))
+        self.assertEqual(response.to_message().get("reasoning"), HELLO)
+
+    def test_context_overflow_is_a_400_json_answer_even_for_a_stream(self):
+        response = self.check_error("error_context_stream", streamed=True, folder=VLLM)
+        self.assertIn("maximum context length is 4096 tokens", response.error)
+        self.check_error("error_context", streamed=False, folder=VLLM)
+
+    def test_malformed_request_json_gives_one_line(self):
+        response = self.check_error("error_bad_json", streamed=False, folder=VLLM)
+        self.assertIn("JSON decode error", response.error)
+        self.assertNotIn("\n", response.error)
+
+    def test_unauthorized_as_a_string(self):
+        key = "sk-recorded-test-key-0123456789"
+        for streamed in (False, True):
+            response = self.check_error("error_auth", streamed=streamed, folder=VLLM, api_key=key)
+            self.assertEqual(response.error, "HTTP 401: Unauthorized")
+            self.assertNotIn(key, repr(response))
+
+    def test_unknown_model_is_404_with_the_message(self):
+        response = self.check_error("error_unknown_model", streamed=False, folder=VLLM)
+        self.assertIn("does not exist. Valid aliases: tiny.", response.error)
+
+    def test_fastapi_detail_body(self):
+        response = self.check_error("error_unknown_path", streamed=True, folder=VLLM)
+        self.assertEqual(response.error, "HTTP 404: Not Found")
+        with Replay([recording("error_unknown_path", VLLM)[0]]) as server:
+            found = client_for(server).models()
+        self.assertEqual((list(found), found.error, found.status), ([], "HTTP 404: Not Found", 404))
+
+    def test_keep_alive_answers_reuse_one_connection(self):
+        # uvicorn sends no Keep-Alive header; HTTP/1.1 keeps the connection open
+        answers = [recording(name, VLLM)[0] for name in ("stream_usage", "stream_tool_call",
+                                                          "stream_length")]
+        with Replay(answers, keep_open=True) as server:
+            client = client_for(server)
+            responses = [client.chat_stream(ASK, Writes()) for _ in answers]
+            client.close()
+        self.assertEqual([r.stop_reason for r in responses], ["stop", "tool_calls", "length"])
+        self.assertEqual(server.connections, 1)
 
 
 if __name__ == "__main__":

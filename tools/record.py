@@ -2,7 +2,8 @@
 
     python tools/record.py [--base-url URL] [--model NAME]
                            [--auth-base-url URL] [--auth-key KEY]
-                           [--random-base-url URL] [--out DIR] [--print] [NAME ...]
+                           [--random-base-url URL] [--reasoning-base-url URL]
+                           [--out DIR] [--print] [NAME ...]
 
 Each scenario sends one request, shaped as llm.py sends it, over a raw
 socket and keeps every byte of the answer exactly as it arrived: status
@@ -62,8 +63,9 @@ LONG = {"max_tokens": 4000, "logit_bias": {"260": -1000}}  # the tiny model's en
 
 def scenarios(model):
     """(name, server, body, note): ``server`` is "main", "auth" (wants a key), "random"
-    (random weights) or "busy" (main, while another request fills it); body None means
-    a request that is not valid JSON."""
+    (random weights), "busy" (main, while another request fills it), "lost" (main, asked
+    on a path it does not serve) or "reasoning" (a server that splits out reasoning);
+    body None means a request that is not valid JSON."""
     def body(stream, **extra):
         value = {"model": model, "messages": HELLO}
         value.update(extra)
@@ -110,6 +112,14 @@ def scenarios(model):
         ("stream_error_midway", "busy", body(True, stream_options=USAGE, **LONG),
          "stream that ends with an in-band error: started while another request"
          " fills the shared KV cache (llama-server: 'Context size has been exceeded.')"),
+        ("error_unknown_model", "main", dict(body(False), model="no-such-model"),
+         "a model the server does not serve"),
+        ("error_unknown_path", "lost", body(False),
+         "a path the server does not serve (/v1/no/such/chat/completions)"),
+        ("stream_reasoning", "reasoning", body(True, stream_options=USAGE),
+         "stream from a server that splits reasoning out (vLLM: --reasoning-parser deepseek_r1)"),
+        ("chat_reasoning", "reasoning", body(False),
+         "non-streamed chat from a server that splits reasoning out"),
     ]
 
 
@@ -267,6 +277,8 @@ def main(argv=None):
     parser.add_argument("--auth-key", default=env.get("LLM_TEST_AUTH_KEY", ""))
     parser.add_argument("--random-base-url", default="",
                         help="a server started with REALSERVER_MODE=random, for stream_random_text")
+    parser.add_argument("--reasoning-base-url", default="",
+                        help="a server that splits reasoning out, for *_reasoning")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(here), "testdata", "llama_server"))
     parser.add_argument("--print", action="store_true", help="print each recording too")
     parser.add_argument("only", nargs="*", help="scenario names (default: all)")
@@ -275,6 +287,7 @@ def main(argv=None):
     main_server = loopback(args.base_url)
     auth_server = loopback(args.auth_base_url) if args.auth_base_url else None
     random_server = loopback(args.random_base_url) if args.random_base_url else None
+    reasoning_server = loopback(args.reasoning_base_url) if args.reasoning_base_url else None
     os.makedirs(args.out, exist_ok=True)
     for name, which, payload, note in scenarios(args.model):
         if args.only and name not in args.only:
@@ -291,6 +304,14 @@ def main(argv=None):
                 print("skip %s: no --random-base-url" % name, file=sys.stderr)
                 continue
             (host, port, path), api_key = random_server, ""
+        elif which == "reasoning":
+            if reasoning_server is None:
+                print("skip %s: no --reasoning-base-url" % name, file=sys.stderr)
+                continue
+            (host, port, path), api_key = reasoning_server, ""
+        elif which == "lost":
+            host, port, path = main_server
+            path, api_key = path.replace("/chat/completions", "/no/such/chat/completions"), args.api_key
         else:
             (host, port, path), api_key = main_server, args.api_key
         if which == "busy":
