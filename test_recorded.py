@@ -71,6 +71,17 @@ def split_answer(data):
         position = line_end + 2 + size + 2
 
 
+def token_counts(usage):
+    """The numbers of a usage object (nested ones too): what a Response keeps of it."""
+    if not isinstance(usage, dict):
+        return None
+    numbers = {key: value for key, value in usage.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers.update((key, token_counts(value)) for key, value in usage.items()
+                   if isinstance(value, dict) and token_counts(value))
+    return numbers
+
+
 class Expected:
     """What a recording says, read plainly: the reference the tests compare to."""
 
@@ -102,7 +113,7 @@ class Expected:
         if "error" in chunk:
             self.error = chunk["error"]["message"]
             return
-        self.usage = chunk.get("usage") or self.usage
+        self.usage = token_counts(chunk.get("usage")) or self.usage
         for choice in chunk.get("choices") or []:
             if choice.get("index") not in (None, 0):
                 continue  # n > 1: the response holds the first choice
@@ -545,7 +556,11 @@ class ErrorReplayTest(unittest.TestCase):
                 response, written, _ = replay((cut(data), pause), streamed=streamed, **options)
                 self.assertEqual(response.stop_reason, "error", response)
                 self.assertEqual(response.status, expected.status)
-                self.assertEqual(response.error, "HTTP %d: %s" % (expected.status, expected.error))
+                said = "HTTP %d: %s" % (expected.status, expected.error)
+                if expected.status in (404, 405):  # these also name the request that was tried
+                    said += " (POST %s/v1/chat/completions)" % response.error.rpartition(
+                        " (POST ")[2].partition("/v1/")[0]
+                self.assertEqual(response.error, said)
                 self.assertEqual((response.content, written), ("", []))
         return response
 
@@ -774,10 +789,11 @@ class VLLMReplayTest(unittest.TestCase):
 
     def test_fastapi_detail_body(self):
         response = self.check_error("error_unknown_path", streamed=True, folder=VLLM)
-        self.assertEqual(response.error, "HTTP 404: Not Found")
+        self.assertTrue(response.error.startswith("HTTP 404: Not Found (POST http://"), response.error)
         with Replay([recording("error_unknown_path", VLLM)[0]]) as server:
             found = client_for(server).models()
-        self.assertEqual((list(found), found.error, found.status), ([], "HTTP 404: Not Found", 404))
+        self.assertEqual((list(found), found.error, found.status),
+                         ([], "HTTP 404: Not Found (GET %s/v1/models)" % server.url, 404))
 
     def test_keep_alive_answers_reuse_one_connection(self):
         # uvicorn sends no Keep-Alive header; HTTP/1.1 keeps the connection open
