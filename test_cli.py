@@ -533,7 +533,7 @@ class ChatLoopTest(CommandLineCase):
         terminal.type("Tell me a story\n")
         terminal.expect("Once upon a time")
         terminal.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        self.assertIn("[stopped]", terminal.expect("> ", timeout=5))
+        self.assertIn("[stopped]", terminal.expect("> "))
         terminal.type("Finish it\n")
         self.assertIn("The end.", terminal.expect("> "))
         self.assertEqual(server.requests[1].json()["messages"], [  # the partial reply stays
@@ -561,7 +561,7 @@ class ChatLoopTest(CommandLineCase):
         terminal.expect("> ")
         time.sleep(0.3)  # a signal just before readline waits for a key is seen at the next key
         terminal.process.send_signal(signal.SIGINT)
-        terminal.expect("> ", timeout=5)
+        terminal.expect("> ")
         terminal.type("/exit\n")
         self.assertEqual(terminal.wait(), 0)
         self.assertEqual(server.requests, [])
