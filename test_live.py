@@ -1333,8 +1333,11 @@ class VLLMWords(ServerWordsCase):
         reply = lost.chat(ASK, max_tokens=8)
         found = lost.models()
         lost.close()
-        self.assertEqual((reply.status, reply.error), (404, "HTTP 404: Not Found"))
-        self.assertEqual((list(found), found.error), ([], "HTTP 404: Not Found"))
+        base = "%s://%s/no/such/v1" % (scheme, llm._where(host, port))
+        self.assertEqual((reply.status, reply.error),
+                         (404, "HTTP 404: Not Found (POST %s/chat/completions)" % base))
+        self.assertEqual((list(found), found.error),
+                         ([], "HTTP 404: Not Found (GET %s/models)" % base))
 
     def test_wrong_key_error_text(self):
         self.assertEqual(self.wrong_key_error(), "HTTP 401: Unauthorized")
