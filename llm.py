@@ -554,7 +554,7 @@ class Client:
 
     # ------------------------------------------------------------ connections
 
-    def _checkout(self) -> "http.client.HTTPConnection":
+    def _checkout(self, pid: int) -> "http.client.HTTPConnection":
         """This thread's idle connection, or a new one (calls may overlap in a thread).
 
         An idle connection is reused only in the process that opened it, and only
@@ -564,7 +564,7 @@ class Client:
         slot = getattr(self._local, "slot", None)  # type: Optional[_Slot]
         if slot is not None and slot.connection is not None:
             connection, slot.connection = slot.connection, None
-            if slot.pid == os.getpid() and _quiet(connection.sock):
+            if slot.pid == pid and _quiet(connection.sock):
                 return connection
             connection.close()  # a parent's copy: closing ours leaves theirs open and intact
         connection = self._new_connection()
@@ -572,12 +572,13 @@ class Client:
             self._connections.add(connection)
         return connection
 
-    def _checkin(self, connection: "http.client.HTTPConnection", reusable: bool) -> None:
+    def _checkin(self, connection: "http.client.HTTPConnection", reusable: bool,
+                 pid: int) -> None:
         slot = getattr(self._local, "slot", None)
         if slot is None:
             slot = self._local.slot = _Slot()
         if reusable and slot.connection is None:
-            slot.connection, slot.pid = connection, os.getpid()
+            slot.connection, slot.pid = connection, pid
         else:
             connection.close()
 
@@ -616,6 +617,12 @@ def _quiet(sock: "Any") -> bool:
     """Whether an idle socket has nothing to read: no stray bytes, no close from the server."""
     if sock is None:
         return True
+    import select  # built in, and cheap; not loaded at import time
+
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):  # a descriptor past FD_SETSIZE: peek instead
+        pass
     timeout = sock.gettimeout()
     try:
         sock.settimeout(0.0)
@@ -1192,7 +1199,7 @@ class _Call:
     def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
         """Send the request; a kept-alive connection that the server closed is retried once."""
         client = self.client
-        connection = self.connection = self.connection or client._checkout()
+        connection = self.connection = self.connection or client._checkout(self.pid)
         headers = client._stream_headers if self.stream else client._plain_headers
         reused = connection.sock is not None
         while True:
@@ -1627,7 +1634,7 @@ class _Call:
             reply = self.reply
             finished = reply is None or reply.isclosed()
             self.client._checkin(connection, finished and not (
-                self.broken or self.cancelled or self.expired))
+                self.broken or self.cancelled or self.expired), self.pid)
 
     def response(self) -> Response:
         """The call's :class:`Response`, from what has arrived so far."""

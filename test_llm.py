@@ -1805,6 +1805,32 @@ class InterimResponseTest(LoopbackCase):
                 self.assertEqual([client.chat_stream(HI, Writes()).content for _ in range(4)], ["a"] * 4)
                 self.assertEqual(server.connections, 1, (tls, steps[0][:20]))
 
+    def test_connections_past_fd_setsize_are_checked_too(self):
+        try:
+            import resource
+        except ImportError:
+            self.skipTest("no resource module on this platform")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            self.skipTest("the file descriptor limit is below 1200")
+        if soft != resource.RLIM_INFINITY and soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fillers = []
+        self.addCleanup(lambda: [os.close(fd) for fd in fillers])
+        while not fillers or fillers[-1] < 1030:  # the client's sockets come past select()'s reach
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        stray = answer(message("stray"))[0]
+        server = self.serve(lambda request: echo(request) + [0.02, stray])
+        client = self.client(server)
+        for text in ("one", "two"):
+            self.assertEqual(client.chat(say(text)).content, text)
+            time.sleep(0.1)
+        quiet = self.serve(echo)
+        client = self.client(quiet)
+        self.assertEqual([client.chat(say(t)).content for t in "abc"], list("abc"))
+        self.assertEqual(quiet.connections, 1)
+
     def test_a_switching_protocols_answer_is_an_error_not_skipped(self):
         server = self.serve([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", HANG])
         response = self.client(server, deadline=5).chat(HI)
