@@ -1521,7 +1521,8 @@ class _Call:
             self.finish = finish
         if choice.get("usage"):
             self.usage = choice["usage"]
-        self._note(choice)
+        if self.first_token is None or choice.get("logprobs"):
+            self._note(choice)
         delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
         if not isinstance(delta, dict):
             return None
