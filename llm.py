@@ -79,6 +79,7 @@ _MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refu
 _VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
 _CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost before parsing
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
+_JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
@@ -1143,7 +1144,7 @@ class _Call:
         if "json" in kind:
             whole = self._read_json(reply, first)
             if "choices" not in whole and "error" not in whole and whole.get("object") != "error":
-                raise _Failure("the reply has no choices: %s" % _clip(json.dumps(whole).encode()))
+                raise _Failure("the reply has no choices: %s" % _clip(json.dumps(whole)))
             text = self._apply(whole, "message")
             self.done = True
             if text:
@@ -1390,19 +1391,18 @@ class _Call:
             return None
         if kind == "error":
             raise _Failure(_message_of(payload) or "the server sent an error event")
-        if not isinstance(payload, dict) or "choices" not in payload:
-            if self.unknown is None:  # no chunk: perhaps a failure in a shape of its own
-                self.unknown = payload
-            if not isinstance(payload, dict):
-                return None
-        return self._apply(payload, "delta")
+        if isinstance(payload, dict) and "choices" in payload:
+            return self._apply(payload, "delta")
+        if self.unknown is None:  # no chunk: perhaps a failure in a shape of its own
+            self.unknown = payload
+        return self._apply(payload, "delta") if isinstance(payload, dict) else None
 
     def _check_replied(self) -> None:
         """A stream that carried no reply at all but something else is that something's failure."""
         if (self.unknown is not None and self.finish is None
                 and not (self.content or self.builders or self.refusal)):
             said = _message_of(self.unknown) or json.dumps(self.unknown)
-            raise _Failure("the stream carried no reply, only: %s" % _clip(said.encode()))
+            raise _Failure("the stream carried no reply, only: %s" % _clip(said))
 
     def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Any":
         text = self._read_rest(reply, first).decode("utf-8", "replace")  # the bytes go now
@@ -1411,9 +1411,9 @@ class _Call:
         except _Costly as exc:
             raise _Failure(str(exc))
         except (ValueError, RecursionError):
-            raise _Failure("the server sent invalid JSON: %s" % _clip(text.encode()))
+            raise _Failure("the server sent invalid JSON: %s" % _clip(text))
         if not isinstance(reply_object, dict):
-            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text.encode()))
+            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text))
         if self.cancelled or self.expired:  # parsing took long: honour them before going on
             raise _Failure("cancelled")
         return reply_object
@@ -1793,7 +1793,8 @@ class _SSEDecoder:
                 payload = _payload(data, True, self._budget)
                 if payload is not None:
                     return payload
-            self._depth = _depth(line) if line[5:].lstrip(b" ")[:1] in (b"{", b"[") else 0
+            opens = line[_value_start(line):].lstrip(b" ")[:1] in (b"{", b"[")
+            self._depth = _depth(line) if opens else 0
             return None
         if self._depth <= 0:  # not JSON, or its one try has failed: wait for the blank line
             return None
@@ -1804,13 +1805,18 @@ class _SSEDecoder:
         return _payload(data, True, self._budget)
 
 
+def _value_start(line: bytes) -> int:
+    """Where the value of a ``data:`` line starts: after ``data:`` and one space."""
+    return 6 if line[5:6] == b" " else 5
+
+
 def _depth(line: bytes) -> int:
     """Brackets opened minus brackets closed in a line of JSON, outside its strings."""
     depth = _brackets(line)
     if b'"' in line:
         import re  # loaded by json already
 
-        for string in re.finditer(rb'"[^"\\]*(?:\\.[^"\\]*)*"', line):
+        for string in re.finditer(_JSON_STRING.encode(), line):
             depth -= _brackets(string.group())
     return depth
 
@@ -1825,9 +1831,9 @@ def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
     Data too costly to parse (see ``_json``) is an ``{"error": ...}`` of its own.
     """
     if len(lines) == 1:
-        data, start = lines[0], 6 if lines[0][5:6] == b" " else 5  # after "data:" or "data: "
+        data, start = lines[0], _value_start(lines[0])
     else:
-        data, start = b"\n".join(line[6 if line[5:6] == b" " else 5:] for line in lines), 0
+        data, start = b"\n".join(line[_value_start(line):] for line in lines), 0
     if len(data) - start == 6 and data.endswith(b"[DONE]"):
         return _DONE
     try:
@@ -1885,7 +1891,7 @@ def _check_cost(text: "Union[str, bytes]", budget: int) -> None:
     import re  # loaded by json already
     from itertools import islice
 
-    pattern = r'"[^"\\]*(?:\\.[^"\\]*)*"|[,:\[{]'
+    pattern = _JSON_STRING + r"|[,:\[{]"
     tokens = re.finditer(pattern if isinstance(text, str) else pattern.encode(), text)  # type: ignore
     values = 0
     for values, _ in enumerate(islice(tokens, allowed + 1), 1):
@@ -2017,13 +2023,15 @@ def _one_line(text: str) -> str:
     return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT - 3] + "..."
 
 
-def _clip(data: bytes, cut: bool = False) -> str:
-    """The start of what a server sent, for an error, in whole words.
+def _clip(data: "Union[bytes, str]", cut: bool = False) -> str:
+    """The start of what a server sent (bytes, or text), for an error, in whole words.
 
     It is cut to its length for ``Response.error`` only once the secrets
     are redacted from it: a secret cut in two would not be recognised. A word
     cut here is dropped for the same reason.
     """
+    if isinstance(data, str):  # only its start is looked at: encode no more than that
+        data = data[:_ERROR_BODY_LIMIT + 1].encode("utf-8", "replace")
     words = data[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").split()
     if words and (cut or len(data) > _ERROR_BODY_LIMIT and not data[_ERROR_BODY_LIMIT:][:1].isspace()):
         del words[-1]

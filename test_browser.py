@@ -392,18 +392,23 @@ class RelayInChromiumTest(unittest.TestCase):
         while not any("reply ended: writing the reply failed" in line for line in self.relay_log):
             self.assertLess(time.monotonic(), deadline, "relay.py did not notice the closed tab")
             time.sleep(0.05)
-        fresh = self.new_tab()
-        fresh.open(self.url)
-        fresh.type_and_send("Why is the sky blue? Again.")
-        fresh.wait_for("!document.getElementById('send').disabled"
-                       " && document.querySelectorAll('#log p.assistant').length === 1")
-        self.assertEqual(fresh.replies(), ["".join(PIECES)])
-        self.assertEqual(len(self.llm_server.requests), requests_before + 1)
+        self.assert_a_new_tab_chats("Why is the sky blue? Again.", requests_before)
         other.type_and_send("And the sunset?")  # a tab open all along keeps its conversation
         other.wait_for("!document.getElementById('send').disabled"
                        " && document.querySelectorAll('#log p.assistant').length === 2")
         self.assertEqual([m["content"] for m in self.llm_server.requests[-1].json()["messages"]],
                          ["Why is the sky blue?", "".join(PIECES), "And the sunset?"])
+
+    def assert_a_new_tab_chats(self, prompt, requests_before):
+        """A new tab on the relay's page sends prompt and shows the whole reply: one more request."""
+        tab = self.new_tab()
+        tab.open(self.url)
+        tab.type_and_send(prompt)
+        tab.wait_for("!document.getElementById('send').disabled"
+                     " && document.querySelectorAll('#log p.assistant').length === 1")
+        self.assertEqual(tab.replies(), ["".join(PIECES)])
+        self.assertEqual(len(self.llm_server.requests), requests_before + 1)
+        return tab
 
     def relay_posts(self, status=""):
         return sum('"POST /chat HTTP/1.1" ' + status in line for line in self.relay_log)
@@ -453,13 +458,7 @@ class RelayInChromiumTest(unittest.TestCase):
         self.assertEqual(tab.evaluate("fetch('/chat', {method: 'POST', body: %s, headers: {'Content-Type':"
                                       " 'application/json'}}).then(r => r.status)" % body), 421)
         self.assertEqual(len(self.llm_server.requests), requests_before)
-        own = self.new_tab()  # the relay's own page still works
-        own.open(self.url)
-        own.type_and_send("Why is the sky blue?")
-        own.wait_for("!document.getElementById('send').disabled"
-                     " && document.querySelectorAll('#log p.assistant').length === 1")
-        self.assertEqual(own.replies(), ["".join(PIECES)])
-        self.assertEqual(len(self.llm_server.requests), requests_before + 1)
+        self.assert_a_new_tab_chats("Why is the sky blue?", requests_before)  # the relay's own page
 
 
 if __name__ == "__main__":

@@ -358,10 +358,7 @@ class HostileServerTest(HostileCase):
         self.assertEqual((list(models), models.error), ([], "timed out after 0.3s waiting for data"))
 
     def test_a_server_that_never_even_accepts(self):
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)  # the kernel completes the handshake; nobody reads the request
+        listener = self.listener(8)  # the kernel completes the handshake; nobody reads the request
         client = llm.Client("http://127.0.0.1:%d" % listener.getsockname()[1], timeout=(1, 0.3))
         self.addCleanup(client.close)
         response, elapsed = bounded(self, client.chat_stream, 5, HI, Writes())
@@ -1153,10 +1150,7 @@ class EdgeTest(HostileCase):
     # case: headers={"authorization": ...} with an api_key sent two Authorization
     # headers, and "content-type" or "accept" a second Content-Type or Accept.
     def test_extra_headers_replace_the_clients_own_whatever_their_case(self):
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
+        listener = self.listener(1)
         heads = []
 
         def serve():

@@ -225,6 +225,14 @@ class LoopbackCase(unittest.TestCase):
         self.addCleanup(server.close)
         return server
 
+    def listener(self, backlog):
+        """A socket listening on a loopback port, closed when the test ends; nothing accepts."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(backlog)
+        return listener
+
     def client(self, server, **options):
         options.setdefault("model", "m")
         options.setdefault("timeout", 5)
@@ -1960,10 +1968,7 @@ class CancelWhileConnectingTest(LoopbackCase):
 
     def backlogged_url(self):
         """A URL whose TCP connect hangs: its listener's backlog is full and it never accepts."""
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        self.addCleanup(listener.close)
+        listener = self.listener(0)
         address = listener.getsockname()
         for _ in range(8):  # fill the queue until a connect hangs
             probe = socket.socket()
@@ -1977,10 +1982,7 @@ class CancelWhileConnectingTest(LoopbackCase):
 
     def silent_tls_url(self):
         """An https URL whose server accepts the connection and never says a word."""
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        self.addCleanup(listener.close)
+        listener = self.listener(4)
         accepted = []
         thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
         thread.start()
@@ -2109,10 +2111,9 @@ class SetupErrorTest(LoopbackCase):
         self.assertEqual(self.client(server).chat(HI).error, "HTTP 400: bad")
 
     def test_a_tls_handshake_that_times_out_hints_at_http(self):
-        listener = socket.socket()  # a plain-HTTP port that waits for a request line
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)  # the kernel completes the TCP handshake; nobody answers the TLS one
+        # a plain-HTTP port that waits for a request line: the kernel completes the TCP
+        # handshake; nobody answers the TLS one
+        listener = self.listener(8)
         port = listener.getsockname()[1]
         reply = self.client("https://127.0.0.1:%d" % port, timeout=(0.5, 5)).chat(HI)
         self.assertEqual(reply.error, "timed out after 0.5s in the TLS handshake with 127.0.0.1:%d"
@@ -2120,10 +2121,7 @@ class SetupErrorTest(LoopbackCase):
 
     def test_after_a_tls_handshake_timeout_the_next_call_connects_afresh(self):
         # the half-made socket was kept: the next call failed with "Bad file descriptor"
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+        listener = self.listener(8)
         received = []
 
         def keep_what_comes():  # two connections at most, each read until closed or 3 s

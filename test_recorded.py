@@ -553,13 +553,12 @@ class ErrorReplayTest(unittest.TestCase):
         expected = Expected(data)
         for cut, pause in CHUNKINGS[:5]:
             with self.subTest(recording=name, chunking=cut.__name__):
-                response, written, _ = replay((cut(data), pause), streamed=streamed, **options)
+                response, written, server = replay((cut(data), pause), streamed=streamed, **options)
                 self.assertEqual(response.stop_reason, "error", response)
                 self.assertEqual(response.status, expected.status)
                 said = "HTTP %d: %s" % (expected.status, expected.error)
                 if expected.status in (404, 405):  # these also name the request that was tried
-                    said += " (POST %s/v1/chat/completions)" % response.error.rpartition(
-                        " (POST ")[2].partition("/v1/")[0]
+                    said += " (POST %s/v1/chat/completions)" % server.url
                 self.assertEqual(response.error, said)
                 self.assertEqual((response.content, written), ("", []))
         return response
