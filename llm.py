@@ -289,7 +289,7 @@ class Stream:
     def close(self) -> None:
         """End the stream now, from any thread; the response keeps what came, as cancelled."""
         with self._call.client._lock:
-            self._call.cancel()
+            self._call.guard.cancel()
         try:
             self._pieces.close()  # type: ignore[attr-defined]
         except ValueError:  # being read in another thread: the cancel ends it there
@@ -380,9 +380,10 @@ class Client:
         self._problem = ""
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._active = set()  # type: Set[_Call]
+        self._active = set()  # type: Set[_Guard]  # the calls in flight, as cancel() wakes them
         self._connections = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._tls = None  # type: Any
+        self._max_bytes = _MAX_BYTES
         self.base_url = self.model = self.system = ""
         self._api_key = ""
         self._secrets = []  # type: List[str]  # every form in which a secret may come back
@@ -443,8 +444,8 @@ class Client:
             except Exception as exc:
                 if response.ok:
                     response.stop_reason = "error"
-                    response.error = _one_line(call._redacted(
-                        "writing the reply failed: " + _describe(exc)))
+                    response.error = _one_line(_redact(
+                        "writing the reply failed: " + _describe(exc), self._secrets))
         return response
 
     def stream(self, messages: "List[Any]", **params: "Any") -> Stream:
@@ -463,7 +464,7 @@ class Client:
         for _ in call.run(call.models(found)):
             pass
         found.error, found.status = call.response().error or (
-            "cancelled" if call.cancelled else ""), call.status
+            "cancelled" if call.guard.cancelled else ""), call.exchange.status
         return found
 
     def cancel(self) -> None:
@@ -473,8 +474,8 @@ class Client:
         far. Calls started afterwards are not affected.
         """
         with self._lock:
-            for call in self._active:
-                call.cancel()
+            for guard in self._active:
+                guard.cancel()
 
     def close(self) -> None:
         """Cancel the calls in flight and close the connections (they reopen when needed)."""
@@ -553,154 +554,12 @@ class Client:
             body["stream_options"] = _ASK_USAGE
         return {key: value for key, value in body.items() if value is not None}
 
-    # ------------------------------------------------------------ connections
-
-    def _checkout(self, pid: int) -> "http.client.HTTPConnection":
-        """This thread's idle connection, or a new one (calls may overlap in a thread).
-
-        An idle connection is reused only in the process that opened it, and only
-        when the server has neither closed it nor sent anything since the last
-        answer (stray bytes would be read as the next call's answer).
-        """
-        slot = getattr(self._local, "slot", None)  # type: Optional[_Slot]
-        if slot is not None and slot.connection is not None:
-            connection, slot.connection = slot.connection, None
-            if slot.pid == pid and _quiet(connection.sock):
-                return connection
-            connection.close()  # a parent's copy: closing ours leaves theirs open and intact
-        connection = self._new_connection()
-        with self._lock:
-            self._connections.add(connection)
-        return connection
-
-    def _checkin(self, connection: "http.client.HTTPConnection", reusable: bool,
-                 pid: int) -> None:
-        slot = getattr(self._local, "slot", None)
-        if slot is None:
-            slot = self._local.slot = _Slot()
-        if reusable and slot.connection is None:
-            slot.connection, slot.pid = connection, pid
-        else:
-            connection.close()
-
-    def _new_connection(self) -> "http.client.HTTPConnection":
-        host, port = self._proxy[:2] if self._proxy else (self._host, self._port)
-        if self._scheme == "http":
-            connection = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
-        else:
-            context = self._tls_context()  # first: without ssl there is no HTTPSConnection
-            connection = http.client.HTTPSConnection(
-                host, port, timeout=self._connect_timeout, context=context)
-            if self._proxy:
-                connection.set_tunnel(self._host, self._port, headers=self._proxy[2])
-        connection.response_class = _FinalResponse
-        return connection
-
-    def _tls_context(self) -> "Any":
-        if self._tls is None:
-            try:
-                import ssl
-            except ImportError:
-                raise _Failure("https needs Python's ssl module, which this Python lacks;"
-                               " use an http:// URL")
-            try:
-                context = ssl.create_default_context(cafile=self._ca_file)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise _Failure("cannot load ca_file %r: %s" % (self._ca_file, _describe(exc)))
-            if not self._verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._tls = context
-        return self._tls
-
-
-def _quiet(sock: "Any") -> bool:
-    """Whether an idle socket has nothing to read: no stray bytes, no close from the server."""
-    if sock is None:
-        return True
-    import select  # built in, and cheap; not loaded at import time
-
-    try:
-        return not select.select([sock], [], [], 0)[0]
-    except (OSError, ValueError):  # a descriptor past FD_SETSIZE: peek instead
-        pass
-    timeout = sock.gettimeout()
-    try:
-        sock.settimeout(0.0)
-        socket.socket.recv(sock, 1, socket.MSG_PEEK)  # the raw bytes, TLS or not
-    except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
-        return False
-    finally:
-        try:
-            sock.settimeout(timeout)
-        except OSError:
-            pass
-    return False
-
-
-class _FinalResponse(http.client.HTTPResponse):
-    """A response that skips every interim (1xx) response, not only ``100 Continue``.
-
-    RFC 9110 asks clients to accept any number of them (``102 Processing``,
-    ``103 Early Hints``) before the final one; taking one as the answer would
-    leave the real answer in the socket, to be read as the next call's.
-    """
-
-    def _read_status(self) -> "Tuple[str, int, str]":
-        while True:
-            version, status, reason = super()._read_status()  # type: ignore[misc]
-            if not 100 <= status < 200 or status == 101:  # 101: a protocol switch, never asked for
-                return version, status, reason
-            http.client.parse_headers(self.fp)  # the interim response's headers, skipped
-
-
-class _Handshake:
-    """An SSL context whose sockets are shown to ``cancel()`` before their handshake."""
-
-    def __init__(self, context: "Any", call: "_Call") -> None:
-        self._context, self._call = context, call
-
-    def wrap_socket(self, sock: "Any", server_hostname: "Optional[str]" = None,
-                    **options: "Any") -> "Any":
-        tls = self._context.wrap_socket(sock, server_hostname=server_hostname,
-                                        do_handshake_on_connect=False, **options)
-        try:
-            self._call._attach(tls)
-            tls.do_handshake()
-        except BaseException:
-            tls.close()  # it holds the socket now: http.client would close only the old one
-            raise
-        return tls
-
-    def __getattr__(self, name: str) -> "Any":  # check_hostname and the like
-        return getattr(self._context, name)
-
 
 class _Models(list):  # type: ignore[type-arg]
     """Model ids, with ``error`` and ``status`` as on a Response."""
 
     error = ""
     status = 0
-
-
-class _Slot:
-    """A thread's idle connection, closed when the thread ends.
-
-    ``pid`` is the process that opened it: after a ``fork()`` the child has a
-    copy of the slot, and must never read from nor shut down its parent's socket.
-    """
-
-    __slots__ = ("connection", "pid")
-
-    def __init__(self) -> None:
-        self.connection = None  # type: Optional[http.client.HTTPConnection]
-        self.pid = 0
-
-    def __del__(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
 
 
 # ---------------------------------------------------------------- module-level functions
@@ -1040,7 +899,7 @@ def _encode(body: "Dict[str, Any]") -> bytes:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
-# ---------------------------------------------------------------- one call: HTTP, parse, result
+# ---------------------------------------------------------------- the exchange: HTTP, deadline, cancel
 
 
 class _Failure(Exception):
@@ -1052,245 +911,172 @@ class _Failure(Exception):
 
 
 class _Call:
-    """One request and its reply: the exchange with the server and what it sent.
+    """One call: its exchange with the server, fed to an assembler, and its result.
 
     ``run()`` yields the text deltas as they are parsed and never raises:
-    whatever goes wrong ends up in ``error``, next to what had arrived.
+    whatever goes wrong ends up in ``error``, next to what had arrived. The
+    HTTP is the :class:`_Exchange`'s, the deadline and cancel the
+    :class:`_Guard`'s, and what the reply means the :class:`_Assembler`'s.
     """
 
     def __init__(self, client: Client, stream: bool) -> None:
-        self.client, self.stream = client, stream
-        self.pid = os.getpid()
-        self.cancelled = False
-        self.connection = None  # type: Optional[http.client.HTTPConnection]
-        self.reply = None  # type: Optional[http.client.HTTPResponse]
-        self.sock = None  # type: Any
-        self.wake = None  # type: Optional[threading.Event]
-        self.deadline_at = 0.0
-        self.expired = False  # the deadline passed
-        self.broken = False  # the connection cannot be reused
-        self.followed = _ANY  # the index of the choice this reply keeps to
-        self.content = []  # type: List[str]
-        self.reasoning = []  # type: List[str]
-        self.reasoning_field = "reasoning_content"
+        self.client = client
+        self.guard = _Guard(client)
+        self.exchange = _Exchange(client, stream, self.guard)
+        self.assembler = _Assembler(client._max_bytes)
         self.on_reasoning = None  # type: Any  # out.write_reasoning, when out has it
-        self.builders = []  # type: List[Dict[str, Any]]
-        self.by_index = {}  # type: Dict[Any, Dict[str, Any]]  # the last builder of each index
-        self.legacy_call = False  # the reply used the older function_call shape
-        self.refusal = []  # type: List[str]
-        self.unknown = None  # type: Any  # the first event that was no chunk: a failure, maybe
-        self.finish = None  # type: Any
-        self.usage = None  # type: Any
-        self.model = self.id = ""
-        self.status = 0
+        self.shown = 0  # reasoning pieces given to on_reasoning
         self.error = ""
-        self.done = False
-        self.headers = None  # type: Optional[http.client.HTTPMessage]
-        self.logprobs = None  # type: Optional[List[Any]]
-        self.kept_logprobs = 0  # log-probability entries kept, top_logprobs included
-        self.started = 0.0
+        self.started = self.seconds = 0.0
         self.first_token = None  # type: Optional[float]
-        self.seconds = 0.0
-
-    # ------------------------------------------------------------ the run
 
     def run(self, work: "Iterator[str]") -> "Iterator[str]":
         """Run ``work`` (a generator of this call's): its pieces, then the result."""
-        client = self.client
-        with client._lock:
-            client._active.add(self)
-        timer = None
+        guard = self.guard
         self.started = time.monotonic()
         try:
-            if client._problem:
-                raise _Failure(client._problem)
-            if client._deadline:  # a timer bounds every wait, http.client's own loops too
-                self.deadline_at = time.monotonic() + client._deadline
-                timer = threading.Timer(client._deadline, self._expire)
-                timer.daemon = True
-                timer.start()
+            if self.client._problem:
+                raise _Failure(self.client._problem)
+            guard.start()
             for piece in work:
                 yield piece
         except _Failure as failure:
-            self.error = ("deadline of %gs exceeded" % client._deadline if self.expired
+            self.error = ("deadline of %gs exceeded" % self.client._deadline if guard.expired
                           else str(failure))
         except Exception as exc:  # the one boundary: a surprise becomes an error response
             self.error = "unexpected failure: " + _describe(exc)
         except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
-            self.broken = True  # a half-read reply: the connection cannot be reused
+            self.exchange.broken = True  # a half-read reply: the connection cannot be reused
             raise
         finally:
             self.seconds = time.monotonic() - self.started
-            if timer is not None:
-                timer.cancel()
-            with client._lock:
-                client._active.discard(self)
-                self.sock = None
-            self._release()
+            guard.stop()
+            self.exchange.release()
 
     def chat(self, messages: "Any", params: "Dict[str, Any]") -> "Iterator[str]":
         """The chat exchange: send the messages, yield the reply's text as it comes."""
-        reply = self._request(self.client._body(messages, params, self.stream))
-        kind = (reply.getheader("Content-Type") or "").lower()
-        first = b""
-        if "json" not in kind and "event-stream" not in kind:
-            first = self._read(reply)  # no telling type: look at the first bytes
-            if first.lstrip()[:1] in (b"{", b"["):
-                kind = "json"
-            elif first.lstrip()[:1] == b"<":
-                self.broken = True
-                raise _Failure("expected JSON or an event stream, got %s: %s"
-                               % (kind or "no content type", _clip(first)))
-        if "json" in kind:
-            whole = self._read_json(reply, first)
-            if "choices" not in whole and "error" not in whole and whole.get("object") != "error":
-                raise _Failure("the reply has no choices: %s" % _clip(json.dumps(whole)))
-            text = self._apply(whole, "message")
-            self.done = True
+        exchange = self.exchange
+        answer = exchange.request(self.client._body(messages, params, exchange.stream))
+        kind, first = exchange.kind(answer)
+        if kind == "json":
+            text = self.assembler.whole(self._read_json(answer, first))
+            if self.assembler.began:
+                self.first_token = time.monotonic() - self.started
+            if self.on_reasoning is not None:
+                self._show_reasoning()
             if text:
                 yield text
         else:
-            for piece in self._read_events(reply, first):
+            for piece in self._read_events(answer, first):
                 yield piece
 
     def models(self, found: "List[str]") -> "Iterator[str]":
         """``GET .../models``: put the model ids in ``found``."""
-        listing = self._read_json(self._request(None), b"")
-        entries = listing.get("data") or listing.get("models") or []  # OpenAI's shape, Ollama's
-        for entry in entries if isinstance(entries, list) else []:
-            name = _field(entry, "id") or _field(entry, "name")
-            if isinstance(name, str):
-                found.append(name)
+        found.extend(_model_ids(self._read_json(self.exchange.request(None), b"")))
         yield from ()  # a generator, so that it runs inside run()'s boundary
 
-    def _request(self, body: "Optional[Dict[str, Any]]") -> "http.client.HTTPResponse":
-        """POST body (GET the models when None) until a 2xx answer, retrying as configured."""
-        client = self.client
-        attempt = 0
-        data = None if body is None else _encode(body)
+    def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
+        exchange, assembler, on_reasoning = self.exchange, self.assembler, self.on_reasoning
+        max_bytes = budget = self.client._max_bytes
+        decoder = _SSEDecoder(max_bytes)
+        event = assembler.event
+        waiting = True  # for the first token
+        data = data or exchange.read(answer)
         while True:
-            try:
-                reply = self._send(data)
-            except _Failure as failure:
-                if not failure.retryable or attempt >= client._retries or self.cancelled:
-                    raise
-                self._pause(attempt, None)
-                attempt += 1
-                continue
-            self.status, self.headers = reply.status, reply.msg
-            if 200 <= reply.status < 300:
-                return reply
-            message, raw = self._error_of(reply)
-            if reply.status in (404, 405):  # most often a base_url with a wrong path
-                message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...",
-                                       self._tried(data is not None))
-            if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
-                    and reply.status in (400, 422)
-                    and ("stream_options" in raw or "include_usage" in raw)):
-                client._stream_usage = False  # this server rejects it: remember, resend once
-                del body["stream_options"]
-                data = _encode(body)
-                continue
-            if reply.status in _RETRY_STATUSES and attempt < client._retries:
-                self._pause(attempt, _retry_after(reply.getheader("Retry-After")), message)
-                attempt += 1
-                continue
-            raise _Failure(message)
+            budget -= len(data)
+            if budget < 0:
+                exchange.broken = True
+                raise _Failure("response larger than max_bytes (%d bytes)" % max_bytes)
+            for kind, payload in decoder.feed(data) if data else decoder.close():
+                text = event(kind, payload)
+                if waiting and assembler.began:
+                    waiting, self.first_token = False, time.monotonic() - self.started
+                if on_reasoning is not None:
+                    self._show_reasoning()
+                if text:
+                    yield text
+            if assembler.done:
+                assembler.check()
+                exchange.drain(answer)
+                return
+            if not data:
+                break
+            data = exchange.read(answer)
+        self.guard.check()
+        assembler.ended(budget < max_bytes)
 
-    def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
-        """Send the request; a kept-alive connection that the server closed is retried once."""
-        client = self.client
-        connection = self.connection = self.connection or client._checkout(self.pid)
-        headers = client._stream_headers if self.stream else client._plain_headers
-        reused = connection.sock is not None
-        while True:
-            if connection.sock is None:
-                self._connect(connection)
-            self._attach(connection.sock)
-            try:
-                if data is None:
-                    connection.request("GET", client._models_path, headers=headers)
-                else:
-                    connection.request("POST", client._chat_path, data, headers)
-                self.reply = connection.getresponse()
-                return self.reply
-            except (ConnectionError, http.client.BadStatusLine) as exc:
-                connection.close()
-                if self.cancelled:
-                    raise _Failure("cancelled")
-                if reused:  # the server closed it while it was idle: one fresh try
-                    reused = False
-                    continue
-                raise _Failure(self._network_error(exc), retryable=True)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                connection.close()
-                raise _Failure(self._network_error(exc))
-
-    def _connect(self, connection: "http.client.HTTPConnection") -> None:
-        client = self.client
-        timeout = client._connect_timeout
-        if self.deadline_at:
-            timeout = min(timeout, self._remaining())
-        connection.timeout = timeout
-        connection._create_connection = self._open  # type: ignore[attr-defined]
-        if client._scheme == "https":  # (without ssl, http.client has no HTTPSConnection)
-            connection._context = _Handshake(client._tls_context(), self)  # type: ignore[attr-defined]
-        where = self._where()
+    def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
+        text = self.exchange.read_all(answer, first).decode("utf-8", "replace")  # the bytes go now
         try:
-            connection.connect()
-        except socket.gaierror as exc:
-            raise _Failure("cannot resolve host %s (%s)" % (
-                (client._proxy or (client._host,))[0], exc.strerror or exc))
-        except ConnectionRefusedError:
-            raise _Failure("connection refused: %s" % where, retryable=True)
-        except socket.timeout:
-            handshake = connection.sock is not None  # TCP is up: TLS (or a proxy) timed out
-            connection.close()  # never keep a socket whose TLS handshake did not finish
-            if handshake and client._scheme == "https" and not client._proxy:
-                raise _Failure("timed out after %gs in the TLS handshake with %s (is it a plain"
-                               " HTTP server? then use an http:// URL)" % (timeout, where))
-            raise _Failure("timed out after %gs connecting to %s" % (timeout, where),
-                           retryable=True)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            connection.close()
-            raise _Failure("cannot connect to %s: %s" % (where, _describe(exc)),
-                           retryable=isinstance(exc, ConnectionError))
-        sock = connection.sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(client._read_timeout)
-        if self.cancelled:
-            raise _Failure("cancelled")
+            reply = _json(text, self.client._max_bytes)
+        except _Costly as exc:
+            raise _Failure(str(exc))
+        except (ValueError, RecursionError):
+            raise _Failure("the server sent invalid JSON: %s" % _clip(text))
+        if not isinstance(reply, dict):
+            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text))
+        self.guard.check()  # parsing took long: honour a cancel or the deadline before going on
+        return reply
 
-    def _open(self, address: "Tuple[str, int]", timeout: "Any" = None,
-              source_address: "Any" = None) -> socket.socket:
-        """``socket.create_connection``, with each socket shown to ``cancel()`` before it
-        connects: shutting it down wakes a connect that waits (closing it would not)."""
-        problem = OSError("no address found for %s" % address[0])  # type: OSError
-        for family, kind, protocol, _, where in socket.getaddrinfo(
-                address[0], address[1], 0, socket.SOCK_STREAM):
-            sock = socket.socket(family, kind, protocol)
+    def _show_reasoning(self) -> None:
+        """Give the reasoning that came since the last time to ``on_reasoning``."""
+        pieces = self.assembler.reasoning
+        while self.shown < len(pieces):
+            self.shown += 1
             try:
-                self._attach(sock)
-                sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(where)
-                return sock
-            except OSError as exc:
-                sock.close()
-                if self.cancelled or self.expired:
-                    raise _Failure("cancelled")
-                problem = exc
-            except BaseException:
-                sock.close()
-                raise
-        raise problem
+                self.on_reasoning(pieces[self.shown - 1])
+            except Exception as exc:
+                raise _Failure("writing the reasoning failed: " + _describe(exc))
 
-    def _attach(self, sock: "Any") -> None:
-        with self.client._lock:  # cancel() reads it under the same lock
-            self.sock = sock
-        if self.cancelled or self.expired:
-            raise _Failure("cancelled")
+    def response(self) -> Response:
+        """The call's :class:`Response`, from what has arrived so far."""
+        exchange, assembler = self.exchange, self.assembler
+        cancelled = self.guard.cancelled and bool(self.error or not assembler.done)
+        response = assembler.response(self.error, cancelled, self.client._secrets)
+        response.status = exchange.status
+        if exchange.headers is not None:
+            response.headers = exchange.headers
+        response.first_token_seconds, response.total_seconds = self.first_token, self.seconds
+        return response
+
+
+class _Guard:
+    """A call's deadline and cancel: they wake the call wherever it waits.
+
+    ``cancel()`` (from any thread, under the client's lock) and the deadline's
+    timer shut down the socket the call uses, which wakes a connect, a TLS
+    handshake or a read blocked in another thread; a pause before a retry waits
+    on an event they set. A socket is only ever shut down by the process that
+    opened it: after a ``fork()`` the parent's are not the child's to touch.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.pid = os.getpid()
+        self.cancelled = False
+        self.expired = False  # the deadline passed
+        self.sock = None  # type: Any
+        self.wake = None  # type: Optional[threading.Event]
+        self.deadline_at = 0.0
+        self.timer = None  # type: Optional[threading.Timer]
+
+    def start(self) -> None:
+        """Be one of the client's calls in flight, and start the deadline's timer."""
+        client = self.client
+        with client._lock:
+            client._active.add(self)
+        if client._deadline:  # a timer bounds every wait, http.client's own loops too
+            self.deadline_at = time.monotonic() + client._deadline
+            self.timer = threading.Timer(client._deadline, self._expire)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        with self.client._lock:
+            self.client._active.discard(self)
+            self.sock = None
 
     def cancel(self) -> None:
         """Mark the call cancelled and wake it (called under the client's lock)."""
@@ -1313,6 +1099,168 @@ class _Call:
             except OSError:
                 pass
 
+    def check(self) -> None:
+        """End the call here when it was cancelled or its deadline passed."""
+        if self.cancelled or self.expired:
+            raise _Failure("cancelled")
+
+    def attach(self, sock: "Any") -> None:
+        """Show ``sock`` to cancel() and the deadline: they shut it down to wake the call."""
+        with self.client._lock:  # cancel() reads it under the same lock
+            self.sock = sock
+        self.check()
+
+    def remaining(self) -> float:
+        remaining = self.deadline_at - time.monotonic()
+        if remaining <= 0:
+            raise _Failure("deadline of %gs exceeded" % self.client._deadline)
+        return remaining
+
+    def sleep(self, delay: float, why: str) -> None:
+        """Wait ``delay`` seconds, unless cancel() or the deadline comes first."""
+        if self.deadline_at and delay >= self.remaining():
+            raise _Failure(why or "deadline of %gs exceeded" % self.client._deadline)
+        if self.wake is None:
+            self.wake = threading.Event()
+        if self.cancelled or self.wake.wait(delay):
+            raise _Failure("cancelled")
+
+    def open(self, address: "Tuple[str, int]", timeout: "Any" = None,
+             source_address: "Any" = None) -> socket.socket:
+        """``socket.create_connection``, with each socket shown to ``cancel()`` before it
+        connects: shutting it down wakes a connect that waits (closing it would not)."""
+        problem = OSError("no address found for %s" % address[0])  # type: OSError
+        for family, kind, protocol, _, where in socket.getaddrinfo(
+                address[0], address[1], 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, protocol)
+            try:
+                self.attach(sock)
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(where)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if self.cancelled or self.expired:
+                    raise _Failure("cancelled")
+                problem = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise problem
+
+
+class _Exchange:
+    """The HTTP of one call: a connection, the request and its retries, the answer's bytes.
+
+    The connection comes from the client's pool and goes back to it only after
+    a whole final answer, when nothing went wrong. Every read ends at a cancel
+    or the deadline, and no body is read past ``max_bytes``.
+    """
+
+    def __init__(self, client: Client, stream: bool, guard: _Guard) -> None:
+        self.client, self.stream, self.guard = client, stream, guard
+        self.connection = None  # type: Optional[http.client.HTTPConnection]
+        self.answer = None  # type: Optional[http.client.HTTPResponse]
+        self.broken = False  # the connection cannot be reused
+        self.status = 0
+        self.headers = None  # type: Optional[http.client.HTTPMessage]
+
+    def request(self, body: "Optional[Dict[str, Any]]") -> "http.client.HTTPResponse":
+        """POST body (GET the models when None) until a 2xx answer, retrying as configured."""
+        client = self.client
+        attempt = 0
+        data = None if body is None else _encode(body)
+        while True:
+            try:
+                answer = self._send(data)
+            except _Failure as failure:
+                if not failure.retryable or attempt >= client._retries or self.guard.cancelled:
+                    raise
+                self._pause(attempt, None)
+                attempt += 1
+                continue
+            self.status, self.headers = answer.status, answer.msg
+            if 200 <= answer.status < 300:
+                return answer
+            message, raw = self._error_of(answer, data is not None)
+            if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
+                    and answer.status in (400, 422)
+                    and ("stream_options" in raw or "include_usage" in raw)):
+                client._stream_usage = False  # this server rejects it: remember, resend once
+                del body["stream_options"]
+                data = _encode(body)
+                continue
+            if answer.status in _RETRY_STATUSES and attempt < client._retries:
+                self._pause(attempt, _retry_after(answer.getheader("Retry-After")), message)
+                attempt += 1
+                continue
+            raise _Failure(message)
+
+    def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
+        """Send the request; a kept-alive connection that the server closed is retried once."""
+        client = self.client
+        connection = self.connection = self.connection or _checkout(client, self.guard.pid)
+        headers = client._stream_headers if self.stream else client._plain_headers
+        reused = connection.sock is not None
+        while True:
+            if connection.sock is None:
+                self._connect(connection)
+            self.guard.attach(connection.sock)
+            try:
+                if data is None:
+                    connection.request("GET", client._models_path, headers=headers)
+                else:
+                    connection.request("POST", client._chat_path, data, headers)
+                self.answer = connection.getresponse()
+                return self.answer
+            except (ConnectionError, http.client.BadStatusLine) as exc:
+                connection.close()
+                if self.guard.cancelled:
+                    raise _Failure("cancelled")
+                if reused:  # the server closed it while it was idle: one fresh try
+                    reused = False
+                    continue
+                raise _Failure(_network_error(exc, client), retryable=True)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                connection.close()
+                raise _Failure(_network_error(exc, client))
+
+    def _connect(self, connection: "http.client.HTTPConnection") -> None:
+        client, guard = self.client, self.guard
+        timeout = client._connect_timeout
+        if guard.deadline_at:
+            timeout = min(timeout, guard.remaining())
+        connection.timeout = timeout
+        connection._create_connection = guard.open  # type: ignore[attr-defined]
+        if client._scheme == "https":  # (without ssl, http.client has no HTTPSConnection)
+            connection._context = _Handshake(_tls_context(client), guard)  # type: ignore[attr-defined]
+        where = _peer(client)
+        try:
+            connection.connect()
+        except socket.gaierror as exc:
+            raise _Failure("cannot resolve host %s (%s)" % (
+                (client._proxy or (client._host,))[0], exc.strerror or exc))
+        except ConnectionRefusedError:
+            raise _Failure("connection refused: %s" % where, retryable=True)
+        except socket.timeout:
+            handshake = connection.sock is not None  # TCP is up: TLS (or a proxy) timed out
+            connection.close()  # never keep a socket whose TLS handshake did not finish
+            if handshake and client._scheme == "https" and not client._proxy:
+                raise _Failure("timed out after %gs in the TLS handshake with %s (is it a plain"
+                               " HTTP server? then use an http:// URL)" % (timeout, where))
+            raise _Failure("timed out after %gs connecting to %s" % (timeout, where),
+                           retryable=True)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            connection.close()
+            raise _Failure("cannot connect to %s: %s" % (where, _describe(exc)),
+                           retryable=isinstance(exc, ConnectionError))
+        sock = connection.sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(client._read_timeout)
+        guard.check()
+
     def _pause(self, attempt: int, retry_after: "Optional[float]", why: str = "") -> None:
         """Sleep before a retry: exponential backoff with jitter, or Retry-After."""
         import random
@@ -1324,358 +1272,247 @@ class _Call:
             raise _Failure("%s (the server asks to retry after %gs)" % (why, retry_after))
         else:
             delay = retry_after
-        if self.deadline_at and delay >= self._remaining():
-            raise _Failure(why or "deadline of %gs exceeded" % self.client._deadline)
-        if self.wake is None:
-            self.wake = threading.Event()
-        if self.cancelled or self.wake.wait(delay):
-            raise _Failure("cancelled")
+        self.guard.sleep(delay, why)
 
-    # ------------------------------------------------------------ reading
+    def _error_of(self, answer: "http.client.HTTPResponse", posted: bool) -> "Tuple[str, str]":
+        """Read an error answer: its one-line message and its raw text (lowercased)."""
+        message, raw = _error_answer(answer)
+        if not answer.isclosed() and self.connection is not None:
+            self.connection.close()  # the rest of a long body is not worth reading
+        if answer.status in (404, 405):  # most often a base_url with a wrong path
+            message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...",
+                                   _tried(self.client, posted))
+        return message, raw
 
-    def _remaining(self) -> float:
-        remaining = self.deadline_at - time.monotonic()
-        if remaining <= 0:
-            raise _Failure("deadline of %gs exceeded" % self.client._deadline)
-        return remaining
+    def kind(self, answer: "http.client.HTTPResponse") -> "Tuple[str, bytes]":
+        """``("json", ...)`` or ``("events", ...)``, with the bytes read to tell them apart."""
+        kind = (answer.getheader("Content-Type") or "").lower()
+        if "json" in kind:
+            return "json", b""
+        if "event-stream" in kind:
+            return "events", b""
+        first = self.read(answer)  # no telling type: look at the first bytes
+        if first.lstrip()[:1] in (b"{", b"["):
+            return "json", first
+        if first.lstrip()[:1] == b"<":
+            self.broken = True
+            raise _Failure("expected JSON or an event stream, got %s: %s"
+                           % (kind or "no content type", _clip(first)))
+        return "events", first
 
-    def _read(self, reply: "http.client.HTTPResponse", whole: bool = False) -> bytes:
+    def read(self, answer: "http.client.HTTPResponse", whole: bool = False) -> bytes:
         """Read what is there (at most one buffer), as soon as anything is.
 
         A cancel or the deadline ends the call here too, so that data that keeps
         coming (or is already buffered) cannot keep it busy past either.
         """
-        if self.cancelled or self.expired:
+        if self.guard.cancelled or self.guard.expired:
             self.broken = True
             raise _Failure("cancelled")
         try:
-            return reply.read() if whole else reply.read1(_READ_SIZE)
+            return answer.read() if whole else answer.read1(_READ_SIZE)
         except http.client.IncompleteRead:
             self.broken = True
             raise _Failure("connection closed in the middle of a chunk: the response was cut short")
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.broken = True
-            raise _Failure(self._network_error(exc))
+            raise _Failure(_network_error(exc, self.client))
 
-    def _read_events(self, reply: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
-        decoder = _SSEDecoder(self.client._max_bytes)
-        budget = self.client._max_bytes
-        data = data or self._read(reply)
-        while True:
-            budget -= len(data)
-            if budget < 0:
-                self.broken = True
-                raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
-            events = decoder.feed(data) if data else decoder.close()
-            for kind, payload in events:
-                text = self._on_event(kind, payload)
-                if text:
-                    yield text
-            if self.done:
-                self._check_replied()
-                self._drain(reply)
-                return
-            if not data:
-                break
-            data = self._read(reply)
-        if self.cancelled:
-            raise _Failure("cancelled")
-        self._check_replied()
-        if self.finish is None:
-            raise _Failure("stream ended before [DONE]" if budget < self.client._max_bytes
-                           else "the server sent an empty reply")
-
-    def _on_event(self, kind: str, payload: "Any") -> "Optional[str]":
-        if payload is _DONE:
-            self.done = True
-            return None
-        if kind == "error":
-            raise _Failure(_message_of(payload) or "the server sent an error event")
-        if isinstance(payload, dict) and "choices" in payload:
-            return self._apply(payload, "delta")
-        if self.unknown is None:  # no chunk: perhaps a failure in a shape of its own
-            self.unknown = payload
-        return self._apply(payload, "delta") if isinstance(payload, dict) else None
-
-    def _check_replied(self) -> None:
-        """A stream that carried no reply at all but something else is that something's failure."""
-        if (self.unknown is not None and self.finish is None
-                and not (self.content or self.builders or self.refusal)):
-            said = _message_of(self.unknown) or json.dumps(self.unknown)
-            raise _Failure("the stream carried no reply, only: %s" % _clip(said))
-
-    def _read_json(self, reply: "http.client.HTTPResponse", first: bytes) -> "Any":
-        text = self._read_rest(reply, first).decode("utf-8", "replace")  # the bytes go now
-        try:
-            reply_object = _json(text, self.client._max_bytes)
-        except _Costly as exc:
-            raise _Failure(str(exc))
-        except (ValueError, RecursionError):
-            raise _Failure("the server sent invalid JSON: %s" % _clip(text))
-        if not isinstance(reply_object, dict):
-            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text))
-        if self.cancelled or self.expired:  # parsing took long: honour them before going on
-            raise _Failure("cancelled")
-        return reply_object
-
-    def _read_rest(self, reply: "http.client.HTTPResponse", first: bytes) -> bytes:
+    def read_all(self, answer: "http.client.HTTPResponse", first: bytes) -> bytes:
         """The whole body, ``first`` (bytes already read) included, within max_bytes."""
         limit = self.client._max_bytes - len(first)
-        if reply.length is not None:
-            if reply.length > limit:
-                self.broken = True
-                raise _Failure("response larger than max_bytes (%d bytes)"
-                               % self.client._max_bytes)
-            rest = self._read(reply, whole=True)  # read() closes the reply: reusable
+        if answer.length is not None:
+            if answer.length > limit:
+                self._too_large()
+            rest = self.read(answer, whole=True)  # read() closes the answer: reusable
             return first + rest if first else rest
         parts = [first]
         while True:
-            data = self._read(reply)
+            data = self.read(answer)
             if not data:
                 return b"".join(parts)
             parts.append(data)
             limit -= len(data)
             if limit < 0:
-                self.broken = True
-                raise _Failure("response larger than max_bytes (%d bytes)"
-                               % self.client._max_bytes)
+                self._too_large()
 
-    def _drain(self, reply: "http.client.HTTPResponse") -> None:
+    def _too_large(self) -> None:
+        self.broken = True
+        raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
+
+    def drain(self, answer: "http.client.HTTPResponse") -> None:
         """After [DONE], read the end of the body (for a second at most) for the connection's reuse."""
         read_timeout, give_up = self.client._read_timeout, time.monotonic() + 1.0
+        sock = self.guard.sock
         try:
             for _ in range(64):
                 left = give_up - time.monotonic()
                 if left <= 0:
                     break
-                self.sock.settimeout(min(left, read_timeout))
-                if not reply.read1(_READ_SIZE):
-                    self.sock.settimeout(read_timeout)
+                sock.settimeout(min(left, read_timeout))
+                if not answer.read1(_READ_SIZE):
+                    sock.settimeout(read_timeout)
                     return
         except (OSError, http.client.HTTPException, ValueError):
             pass
         self.broken = True
 
-    def _error_of(self, reply: "http.client.HTTPResponse") -> "Tuple[str, str]":
-        """Read an error answer: its one-line message and its raw text (lowercased)."""
-        try:
-            body = reply.read(_ERROR_BODY_LIMIT)
-        except (OSError, http.client.HTTPException, ValueError):
-            body = b""
-        if not reply.isclosed() and self.connection is not None:
-            self.connection.close()  # the rest of a long body is not worth reading
-        status = reply.status
-        if 300 <= status < 400:
-            message = "redirect to %s not followed" % _shown_url(reply.getheader("Location") or "?")
-        else:
-            message = _server_message(body) or reply.reason or http.client.responses.get(status, "")
-        return "HTTP %d: %s" % (status, message), body.decode("utf-8", "replace").lower()
-
-    def _network_error(self, exc: BaseException) -> str:
-        if isinstance(exc, socket.timeout):
-            return "timed out after %gs waiting for data" % self.client._read_timeout
-        if isinstance(exc, http.client.RemoteDisconnected):
-            return "%s closed the connection without answering" % self._where()
-        if isinstance(exc, ConnectionResetError):
-            return "connection reset by %s" % self._where()
-        if isinstance(exc, BrokenPipeError):
-            return "%s closed the connection while the request was sent" % self._where()
-        return "%s (%s)" % (_describe(exc), self._where())
-
-    def _tried(self, posted: bool) -> str:
-        """The method and URL of the request, as a user would check them."""
-        client = self.client
-        path = client._chat_path if posted else client._models_path
-        if "://" not in path:  # not already absolute for a proxy
-            path = "%s://%s%s" % (client._scheme, _where(client._host, client._port), path)
-        return "%s %s" % ("POST" if posted else "GET", _shown_url(path))
-
-    def _where(self) -> str:
-        client = self.client
-        if client._proxy:
-            return "proxy %s" % _where(client._proxy[0], client._proxy[1])
-        return _where(client._host, client._port)
-
-    # ------------------------------------------------------------ the reply's content
-
-    def _apply(self, chunk: "Dict[str, Any]", key: str) -> "Optional[str]":
-        """Take what a chunk (``key="delta"``) or a whole reply (``"message"``) carries."""
-        if chunk.get("error") is not None or chunk.get("object") == "error":
-            raise _Failure(_message_of(chunk) or "the server sent an error")
-        if not self.id:
-            self.id, self.model = _string(chunk.get("id")), _string(chunk.get("model"))
-        usage = chunk.get("usage")
-        if usage or "x_groq" in chunk:  # Groq puts it in x_groq
-            self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage
-        choices = chunk.get("choices")
-        if not choices or not isinstance(choices, list):
-            return None
-        choice = choices[0]
-        if len(choices) > 1 or not isinstance(choice, dict) \
-                or (choice.get("index") or 0) != self.followed:
-            choice = self._choice(choices)  # n > 1: keep to one choice
-            if choice is None:
-                return None
-        finish = choice.get("finish_reason")
-        if finish and isinstance(finish, str):
-            self.finish = finish
-        if choice.get("usage"):
-            self.usage = choice["usage"]
-        if self.first_token is None or choice.get("logprobs"):
-            self._note(choice)
-        delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
-        if not isinstance(delta, dict):
-            return None
-        for field in ("reasoning_content", "reasoning"):
-            thought = delta.get(field)
-            if thought and isinstance(thought, str):
-                self.reasoning.append(thought)
-                self.reasoning_field = field
-                if self.on_reasoning is not None:
-                    self._show_reasoning(thought)
-        if delta.get("tool_calls"):
-            self._add_tool_calls(delta["tool_calls"], whole=key == "message")
-        elif isinstance(delta.get("function_call"), dict):  # the older functions API
-            self.legacy_call = True
-            self._add_tool_calls([{"index": 0, "function": delta["function_call"]}], whole=False)
-        refusal = delta.get("refusal")
-        if refusal and isinstance(refusal, str):
-            self.refusal.append(refusal)
-        text = delta.get("content")
-        if text and not isinstance(text, str):
-            text = _text_of_parts(text)
-        if text:
-            self.content.append(text)
-            return text
-        return None
-
-    def _choice(self, choices: "List[Any]") -> "Optional[Dict[str, Any]]":
-        """The choice with the index this reply keeps to: the first one seen."""
-        for choice in choices:
-            if isinstance(choice, dict):
-                index = choice.get("index") or 0  # no index: the first choice
-                if self.followed is _ANY:
-                    self.followed = index
-                if index == self.followed:
-                    return choice
-        return None
-
-    def _show_reasoning(self, thought: str) -> None:
-        try:
-            self.on_reasoning(thought)
-        except Exception as exc:
-            raise _Failure("writing the reasoning failed: " + _describe(exc))
-
-    def _add_tool_calls(self, fragments: "Any", whole: bool) -> None:
-        """Assemble tool calls: streamed in pieces keyed by index, whole, or unindexed."""
-        if isinstance(fragments, dict):
-            fragments = [fragments]
-        if not isinstance(fragments, list):
-            return
-        for position, fragment in enumerate(fragments):
-            if not isinstance(fragment, dict):
-                continue
-            index = position if whole else fragment.get("index")
-            call_id = _string(fragment.get("id"))
-            builder = self._builder_for(index, call_id)
-            builder["id"] = builder["id"] or call_id
-            builder["type"] = builder["type"] or _string(fragment.get("type"))
-            function = fragment.get("function")
-            if not isinstance(function, dict):
-                continue
-            builder["name"] = builder["name"] or _string(function.get("name"))
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                builder["arguments"].append(arguments)
-            elif arguments is not None:  # some servers send the object itself
-                builder["arguments"].append(json.dumps(arguments))
-
-    def _builder_for(self, index: "Any", call_id: str) -> "Dict[str, Any]":
-        builders = self.builders
-        indexed = isinstance(index, int) and not isinstance(index, bool)
-        if indexed:
-            existing = self.by_index.get(index)
-            if existing is not None and not (call_id and existing["id"] and call_id != existing["id"]):
-                return existing  # else the index was reused for a new call
-        elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
-            return builders[-1]  # no index: a fragment continues the last call
-        if len(builders) >= _MAX_TOOL_CALLS:
-            raise _Failure("the reply asks for more than %d tool calls" % _MAX_TOOL_CALLS)
-        builder = {"index": index, "id": "", "type": "", "name": "", "arguments": []}
-        builders.append(builder)
-        if indexed:
-            self.by_index[index] = builder
-        return builder
-
-    def _note(self, choice: "Dict[str, Any]") -> None:
-        """Keep a choice's log-probabilities, and the time of the first token."""
-        logprobs = _field(choice.get("logprobs"), "content")
-        if isinstance(logprobs, list):
-            self.kept_logprobs += len(logprobs) + sum(  # each costs some hundred bytes kept
-                len(entry["top_logprobs"]) for entry in logprobs if isinstance(entry, dict)
-                and isinstance(entry.get("top_logprobs"), list))
-            if self.kept_logprobs > self.client._max_bytes // _LOGPROB_COST:
-                raise _Failure("the reply carries more log-probabilities than max_bytes"
-                               " (%d bytes) allows to keep" % self.client._max_bytes)
-            if self.logprobs is None:
-                self.logprobs = []
-            self.logprobs.extend(logprobs)
-        if self.first_token is None:
-            delta = choice.get("delta") or choice.get("message")
-            if isinstance(delta, dict) and any(delta.get(field) for field in (
-                    "content", "reasoning_content", "reasoning", "tool_calls", "refusal",
-                    "function_call")):
-                self.first_token = time.monotonic() - self.started
-
-    # ------------------------------------------------------------ the result
-
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give the connection back for reuse when its answer was read whole, else close it."""
         connection, self.connection = self.connection, None
         if connection is not None:
-            reply = self.reply
-            finished = reply is None or reply.isclosed()
-            self.client._checkin(connection, finished and not (
-                self.broken or self.cancelled or self.expired), self.pid)
+            guard = self.guard
+            finished = self.answer is None or self.answer.isclosed()
+            _checkin(self.client, connection, finished and not (
+                self.broken or guard.cancelled or guard.expired), guard.pid)
 
-    def response(self) -> Response:
-        """The call's :class:`Response`, from what has arrived so far."""
-        content = "".join(self.content)
-        if self.cancelled and (self.error or not self.done):
-            response = Response(content, "cancelled")
-        elif self.error:
-            response = Response(content, "error", _one_line(self._redacted(self.error)))
-        else:
-            finish = self.finish or "stop"
-            reason = _STOP_REASONS.get(finish.lower()) or self._redacted(finish)
-            if reason == "stop" and self.builders:
-                reason = "tool_calls"  # some servers say "stop" when they call tools
-            elif reason == "stop" and self.refusal:
-                reason = "refusal"  # the model declined: say so, not an empty success
-            response = Response(content, reason)
-            if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
-                response.stop_reason = "error"  # the server gave up (OpenRouter: a provider failed)
-                response.error = _one_line(self._redacted(
-                    'the server ended the reply: finish_reason "%s"' % finish))
-        response.status = self.status
-        response.usage = _usage(self.usage)
-        response.tool_calls = [
-            ToolCall(builder["id"] or "call_%d" % number, builder["name"],
-                     "".join(builder["arguments"]), builder["type"] or "function")
-            for number, builder in enumerate(self.builders)]
-        response.reasoning = "".join(self.reasoning)
-        response.refusal = "".join(self.refusal)
-        response._reasoning_field = self.reasoning_field
-        response._legacy_call = self.legacy_call
-        response.model, response.id = self.model, self.id
-        if self.headers is not None:
-            response.headers = self.headers
-        response.logprobs = self.logprobs
-        response.first_token_seconds, response.total_seconds = self.first_token, self.seconds
-        return response
 
-    def _redacted(self, text: str) -> str:
-        """Text with every configured secret as ``***``: done before any cut, never after."""
-        return _redact(text, self.client._secrets)
+class _Handshake:
+    """An SSL context whose sockets are shown to ``cancel()`` before their handshake."""
+
+    def __init__(self, context: "Any", guard: _Guard) -> None:
+        self._context, self._guard = context, guard
+
+    def wrap_socket(self, sock: "Any", server_hostname: "Optional[str]" = None,
+                    **options: "Any") -> "Any":
+        tls = self._context.wrap_socket(sock, server_hostname=server_hostname,
+                                        do_handshake_on_connect=False, **options)
+        try:
+            self._guard.attach(tls)
+            tls.do_handshake()
+        except BaseException:
+            tls.close()  # it holds the socket now: http.client would close only the old one
+            raise
+        return tls
+
+    def __getattr__(self, name: str) -> "Any":  # check_hostname and the like
+        return getattr(self._context, name)
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """A response that skips every interim (1xx) response, not only ``100 Continue``.
+
+    RFC 9110 asks clients to accept any number of them (``102 Processing``,
+    ``103 Early Hints``) before the final one; taking one as the answer would
+    leave the real answer in the socket, to be read as the next call's.
+    """
+
+    def _read_status(self) -> "Tuple[str, int, str]":
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200 or status == 101:  # 101: a protocol switch, never asked for
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim response's headers, skipped
+
+
+# ---- the client's connections: one idle connection per thread, reused while quiet
+
+
+def _checkout(client: Client, pid: int) -> "http.client.HTTPConnection":
+    """This thread's idle connection, or a new one (calls may overlap in a thread).
+
+    An idle connection is reused only in the process that opened it, and only
+    when the server has neither closed it nor sent anything since the last
+    answer (stray bytes would be read as the next call's answer).
+    """
+    slot = getattr(client._local, "slot", None)  # type: Optional[_Slot]
+    if slot is not None and slot.connection is not None:
+        connection, slot.connection = slot.connection, None
+        if slot.pid == pid and _quiet(connection.sock):
+            return connection
+        connection.close()  # a parent's copy: closing ours leaves theirs open and intact
+    connection = _new_connection(client)
+    with client._lock:
+        client._connections.add(connection)
+    return connection
+
+
+def _checkin(client: Client, connection: "http.client.HTTPConnection", reusable: bool,
+             pid: int) -> None:
+    slot = getattr(client._local, "slot", None)
+    if slot is None:
+        slot = client._local.slot = _Slot()
+    if reusable and slot.connection is None:
+        slot.connection, slot.pid = connection, pid
+    else:
+        connection.close()
+
+
+class _Slot:
+    """A thread's idle connection, closed when the thread ends.
+
+    ``pid`` is the process that opened it: after a ``fork()`` the child has a
+    copy of the slot, and must never read from nor shut down its parent's socket.
+    """
+
+    __slots__ = ("connection", "pid")
+
+    def __init__(self) -> None:
+        self.connection = None  # type: Optional[http.client.HTTPConnection]
+        self.pid = 0
+
+    def __del__(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def _quiet(sock: "Any") -> bool:
+    """Whether an idle socket has nothing to read: no stray bytes, no close from the server."""
+    if sock is None:
+        return True
+    import select  # built in, and cheap; not loaded at import time
+
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):  # a descriptor past FD_SETSIZE: peek instead
+        pass
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0.0)
+        socket.socket.recv(sock, 1, socket.MSG_PEEK)  # the raw bytes, TLS or not
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+    return False
+
+
+def _new_connection(client: Client) -> "http.client.HTTPConnection":
+    host, port = client._proxy[:2] if client._proxy else (client._host, client._port)
+    if client._scheme == "http":
+        connection = http.client.HTTPConnection(host, port, timeout=client._connect_timeout)
+    else:
+        context = _tls_context(client)  # first: without ssl there is no HTTPSConnection
+        connection = http.client.HTTPSConnection(
+            host, port, timeout=client._connect_timeout, context=context)
+        if client._proxy:
+            connection.set_tunnel(client._host, client._port, headers=client._proxy[2])
+    connection.response_class = _FinalResponse
+    return connection
+
+
+def _tls_context(client: Client) -> "Any":
+    """The client's SSL context, made once."""
+    if client._tls is None:
+        try:
+            import ssl
+        except ImportError:
+            raise _Failure("https needs Python's ssl module, which this Python lacks;"
+                           " use an http:// URL")
+        try:
+            context = ssl.create_default_context(cafile=client._ca_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise _Failure("cannot load ca_file %r: %s" % (client._ca_file, _describe(exc)))
+        if not client._verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        client._tls = context
+    return client._tls
 
 
 # ---------------------------------------------------------------- the SSE decoder
@@ -1905,7 +1742,310 @@ def _int(digits: str) -> "Any":
     return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
 
 
-# ---------------------------------------------------------------- reading what servers send
+# ---------------------------------------------------------------- the reply assembler
+
+
+class _Assembler:
+    """What a server's reply means: its parsed chunks (or the whole reply) in, text out.
+
+    ``event()`` takes each event of a stream, as the SSE decoder gives it, and
+    ``whole()`` a whole reply's JSON object; each returns the text it adds.
+    ``check()`` and ``ended()`` say whether what came is a reply at all, and
+    ``response()`` gives the :class:`Response`. No sockets, no clock, no locks:
+    every rule about what servers mean lives here, and nowhere else. Stop
+    reasons are read in any server's spelling; with ``n > 1`` one choice is
+    followed; tool calls come in pieces keyed by index, whole, or in the older
+    ``function_call`` shape, at most ``_MAX_TOOL_CALLS`` of them; reasoning
+    comes as ``reasoning_content`` or ``reasoning``; usage wherever a server
+    puts it; log-probabilities within ``max_bytes``; and failures sent
+    in-band, whatever their shape, are errors.
+    """
+
+    def __init__(self, max_bytes: int = _MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.followed = _ANY  # the index of the choice this reply keeps to
+        self.content = []  # type: List[str]
+        self.reasoning = []  # type: List[str]
+        self.reasoning_field = "reasoning_content"
+        self.builders = []  # type: List[Dict[str, Any]]
+        self.by_index = {}  # type: Dict[Any, Dict[str, Any]]  # the last builder of each index
+        self.legacy_call = False  # the reply used the older function_call shape
+        self.refusal = []  # type: List[str]
+        self.unknown = None  # type: Any  # the first event that was no chunk: a failure, maybe
+        self.finish = None  # type: Any
+        self.usage = None  # type: Any
+        self.model = self.id = ""
+        self.logprobs = None  # type: Optional[List[Any]]
+        self.kept_logprobs = 0  # log-probability entries kept, top_logprobs included
+        self.began = False  # the first token (text, reasoning, a tool call, a refusal) came
+        self.done = False  # [DONE] or the whole reply came
+
+    def event(self, kind: str, payload: "Any") -> "Optional[str]":
+        """Take one event of a stream: a chunk, ``_DONE``, an error, or something else."""
+        if payload is _DONE:
+            self.done = True
+            return None
+        if kind == "error":
+            raise _Failure(_message_of(payload) or "the server sent an error event")
+        if isinstance(payload, dict) and "choices" in payload:
+            return self._apply(payload, "delta")
+        if self.unknown is None:  # no chunk: perhaps a failure in a shape of its own
+            self.unknown = payload
+        return self._apply(payload, "delta") if isinstance(payload, dict) else None
+
+    def whole(self, reply: "Dict[str, Any]") -> "Optional[str]":
+        """Take a whole (not streamed) reply."""
+        if "choices" not in reply and "error" not in reply and reply.get("object") != "error":
+            raise _Failure("the reply has no choices: %s" % _clip(json.dumps(reply)))
+        text = self._apply(reply, "message")
+        self.done = True
+        return text
+
+    def check(self) -> None:
+        """A stream that carried no reply at all but something else is that something's failure."""
+        if (self.unknown is not None and self.finish is None
+                and not (self.content or self.builders or self.refusal)):
+            said = _message_of(self.unknown) or json.dumps(self.unknown)
+            raise _Failure("the stream carried no reply, only: %s" % _clip(said))
+
+    def ended(self, received: bool) -> None:
+        """The stream ended without ``[DONE]``: it is whole only if a finish reason came."""
+        self.check()
+        if self.finish is None:
+            raise _Failure("stream ended before [DONE]" if received
+                           else "the server sent an empty reply")
+
+    def _apply(self, chunk: "Dict[str, Any]", key: str) -> "Optional[str]":
+        """Take what a chunk (``key="delta"``) or a whole reply (``"message"``) carries."""
+        if chunk.get("error") is not None or chunk.get("object") == "error":
+            raise _Failure(_message_of(chunk) or "the server sent an error")
+        if not self.id:
+            self.id, self.model = _string(chunk.get("id")), _string(chunk.get("model"))
+        usage = chunk.get("usage")
+        if usage or "x_groq" in chunk:  # Groq puts it in x_groq
+            self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage
+        choice = self._choice(chunk.get("choices"))
+        if choice is None:
+            return None
+        finish = choice.get("finish_reason")
+        if finish and isinstance(finish, str):
+            self.finish = finish
+        if choice.get("usage"):
+            self.usage = choice["usage"]
+        if not self.began or choice.get("logprobs"):
+            self._note(choice)
+        delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
+        return self._take(delta, whole=key == "message") if isinstance(delta, dict) else None
+
+    def _choice(self, choices: "Any") -> "Optional[Dict[str, Any]]":
+        """The choice with the index this reply keeps to: the first one seen."""
+        if not choices or not isinstance(choices, list):
+            return None
+        choice = choices[0]
+        if len(choices) == 1 and isinstance(choice, dict) \
+                and (choice.get("index") or 0) == self.followed:
+            return choice  # the usual case
+        for choice in choices:  # n > 1: keep to one choice
+            if isinstance(choice, dict):
+                index = choice.get("index") or 0  # no index: the first choice
+                if self.followed is _ANY:
+                    self.followed = index
+                if index == self.followed:
+                    return choice
+        return None
+
+    def _take(self, delta: "Dict[str, Any]", whole: bool) -> "Optional[str]":
+        """Keep what a choice's delta (or whole message) carries; return its text."""
+        for field in ("reasoning_content", "reasoning"):
+            thought = delta.get(field)
+            if thought and isinstance(thought, str):
+                self.reasoning.append(thought)
+                self.reasoning_field = field
+        if delta.get("tool_calls"):
+            self._add_tool_calls(delta["tool_calls"], whole)
+        elif isinstance(delta.get("function_call"), dict):  # the older functions API
+            self.legacy_call = True
+            self._add_tool_calls([{"index": 0, "function": delta["function_call"]}], whole=False)
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            self.refusal.append(refusal)
+        text = delta.get("content")
+        if text and not isinstance(text, str):
+            text = _text_of_parts(text)
+        if text:
+            self.content.append(text)
+            return text
+        return None
+
+    def _add_tool_calls(self, fragments: "Any", whole: bool) -> None:
+        """Assemble tool calls: streamed in pieces keyed by index, whole, or unindexed."""
+        if isinstance(fragments, dict):
+            fragments = [fragments]
+        if not isinstance(fragments, list):
+            return
+        for position, fragment in enumerate(fragments):
+            if not isinstance(fragment, dict):
+                continue
+            index = position if whole else fragment.get("index")
+            call_id = _string(fragment.get("id"))
+            builder = self._builder_for(index, call_id)
+            builder["id"] = builder["id"] or call_id
+            builder["type"] = builder["type"] or _string(fragment.get("type"))
+            function = fragment.get("function")
+            if not isinstance(function, dict):
+                continue
+            builder["name"] = builder["name"] or _string(function.get("name"))
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                builder["arguments"].append(arguments)
+            elif arguments is not None:  # some servers send the object itself
+                builder["arguments"].append(json.dumps(arguments))
+
+    def _builder_for(self, index: "Any", call_id: str) -> "Dict[str, Any]":
+        builders = self.builders
+        indexed = isinstance(index, int) and not isinstance(index, bool)
+        if indexed:
+            existing = self.by_index.get(index)
+            if existing is not None and not (call_id and existing["id"] and call_id != existing["id"]):
+                return existing  # else the index was reused for a new call
+        elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
+            return builders[-1]  # no index: a fragment continues the last call
+        if len(builders) >= _MAX_TOOL_CALLS:
+            raise _Failure("the reply asks for more than %d tool calls" % _MAX_TOOL_CALLS)
+        builder = {"index": index, "id": "", "type": "", "name": "", "arguments": []}
+        builders.append(builder)
+        if indexed:
+            self.by_index[index] = builder
+        return builder
+
+    def _note(self, choice: "Dict[str, Any]") -> None:
+        """Keep a choice's log-probabilities, and whether the first token came."""
+        logprobs = _field(choice.get("logprobs"), "content")
+        if isinstance(logprobs, list):
+            self.kept_logprobs += len(logprobs) + sum(  # each costs some hundred bytes kept
+                len(entry["top_logprobs"]) for entry in logprobs if isinstance(entry, dict)
+                and isinstance(entry.get("top_logprobs"), list))
+            if self.kept_logprobs > self.max_bytes // _LOGPROB_COST:
+                raise _Failure("the reply carries more log-probabilities than max_bytes"
+                               " (%d bytes) allows to keep" % self.max_bytes)
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(logprobs)
+        if not self.began:
+            delta = choice.get("delta") or choice.get("message")
+            self.began = isinstance(delta, dict) and any(delta.get(field) for field in (
+                "content", "reasoning_content", "reasoning", "tool_calls", "refusal",
+                "function_call"))
+
+    def response(self, error: str = "", cancelled: bool = False,
+                 secrets: "Optional[List[str]]" = None) -> Response:
+        """The :class:`Response` to what came: ``error`` and ``cancelled`` say how the call ended.
+
+        Every text the server chose is shown with ``secrets`` redacted.
+        """
+        response = self._ending(error, cancelled, secrets or [])
+        response.usage = _usage(self.usage)
+        response.tool_calls = [
+            ToolCall(builder["id"] or "call_%d" % number, builder["name"],
+                     "".join(builder["arguments"]), builder["type"] or "function")
+            for number, builder in enumerate(self.builders)]
+        response.reasoning = "".join(self.reasoning)
+        response.refusal = "".join(self.refusal)
+        response._reasoning_field = self.reasoning_field
+        response._legacy_call = self.legacy_call
+        response.model, response.id = self.model, self.id
+        response.logprobs = self.logprobs
+        return response
+
+    def _ending(self, error: str, cancelled: bool, secrets: "List[str]") -> Response:
+        """A Response with the content and the stop reason (any server's synonym read)."""
+        content = "".join(self.content)
+        if cancelled:
+            return Response(content, "cancelled")
+        if error:
+            return Response(content, "error", _one_line(_redact(error, secrets)))
+        finish = self.finish or "stop"
+        reason = _STOP_REASONS.get(finish.lower()) or _redact(finish, secrets)
+        if reason == "stop" and self.builders:
+            reason = "tool_calls"  # some servers say "stop" when they call tools
+        elif reason == "stop" and self.refusal:
+            reason = "refusal"  # the model declined: say so, not an empty success
+        if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
+            return Response(content, "error", _one_line(_redact(  # a provider failed (OpenRouter)
+                'the server ended the reply: finish_reason "%s"' % finish, secrets)))
+        return Response(content, reason)
+
+
+def _model_ids(listing: "Dict[str, Any]") -> "List[str]":
+    """The model ids in a ``GET .../models`` answer: OpenAI's shape or Ollama's."""
+    entries = listing.get("data") or listing.get("models") or []
+    return [name for name in (_field(entry, "id") or _field(entry, "name")
+                              for entry in (entries if isinstance(entries, list) else []))
+            if isinstance(name, str)]
+
+
+def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
+    """Usage with prompt, completion and total tokens, from any server's spelling.
+
+    Only the counts are kept (and those in a nested object such as
+    ``completion_tokens_details``): whatever else a server nests there would
+    stay alive with the Response.
+    """
+    if not isinstance(usage, dict):
+        return None
+    tokens = _counts(usage)
+    for key, value in _first_items(usage):
+        if isinstance(value, dict) and key not in tokens and len(key) <= 64:
+            counts = _counts(value)
+            if counts:
+                tokens[key] = counts
+    for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        if ours not in tokens and theirs in tokens:
+            tokens[ours] = tokens[theirs]
+    prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+    if "total_tokens" not in tokens and isinstance(prompt, int) and isinstance(completion, int):
+        tokens["total_tokens"] = prompt + completion
+    return tokens
+
+
+def _counts(value: "Dict[Any, Any]") -> "Dict[str, Any]":
+    """The numbers of a usage object, under names of a sensible length."""
+    return {key: number for key, number in _first_items(value)
+            if isinstance(number, (int, float)) and not isinstance(number, bool)
+            and isinstance(key, str) and len(key) <= 64}
+
+
+def _first_items(value: "Dict[Any, Any]") -> "Iterable[Tuple[Any, Any]]":
+    if len(value) <= _MAX_USAGE_KEYS:
+        return value.items()
+    from itertools import islice  # loaded by collections already
+
+    return islice(value.items(), _MAX_USAGE_KEYS)
+
+
+def _text_of_parts(content: "Any") -> str:
+    """Text of a content given as a list of parts (``[{"type": "text", "text": ...}]``)."""
+    if not isinstance(content, list):
+        return ""
+    return "".join(part.get("text") or "" for part in content
+                   if isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
+# ---------------------------------------------------------------- reading error bodies
+
+
+def _error_answer(answer: "http.client.HTTPResponse") -> "Tuple[str, str]":
+    """An error answer's one-line message, and its raw text (lowercased)."""
+    try:
+        body = answer.read(_ERROR_BODY_LIMIT)
+    except (OSError, http.client.HTTPException, ValueError):
+        body = b""
+    status = answer.status
+    if 300 <= status < 400:
+        message = "redirect to %s not followed" % _shown_url(answer.getheader("Location") or "?")
+    else:
+        message = _server_message(body) or answer.reason or http.client.responses.get(status, "")
+    return "HTTP %d: %s" % (status, message), body.decode("utf-8", "replace").lower()
 
 
 def _server_message(body: bytes) -> str:
@@ -1948,43 +2088,38 @@ def _message_of(value: "Any", depth: int = 0) -> str:
     return ""
 
 
-def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
-    """Usage with prompt, completion and total tokens, from any server's spelling.
-
-    Only the counts are kept (and those in a nested object such as
-    ``completion_tokens_details``): whatever else a server nests there would
-    stay alive with the Response.
-    """
-    if not isinstance(usage, dict):
-        return None
-    tokens = _counts(usage)
-    for key, value in _first_items(usage):
-        if isinstance(value, dict) and key not in tokens and len(key) <= 64:
-            counts = _counts(value)
-            if counts:
-                tokens[key] = counts
-    for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
-        if ours not in tokens and theirs in tokens:
-            tokens[ours] = tokens[theirs]
-    prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
-    if "total_tokens" not in tokens and isinstance(prompt, int) and isinstance(completion, int):
-        tokens["total_tokens"] = prompt + completion
-    return tokens
 
 
-def _counts(value: "Dict[Any, Any]") -> "Dict[str, Any]":
-    """The numbers of a usage object, under names of a sensible length."""
-    return {key: number for key, number in _first_items(value)
-            if isinstance(number, (int, float)) and not isinstance(number, bool)
-            and isinstance(key, str) and len(key) <= 64}
 
 
-def _first_items(value: "Dict[Any, Any]") -> "Iterable[Tuple[Any, Any]]":
-    if len(value) <= _MAX_USAGE_KEYS:
-        return value.items()
-    from itertools import islice  # loaded by collections already
 
-    return islice(value.items(), _MAX_USAGE_KEYS)
+
+def _network_error(exc: BaseException, client: "Client") -> str:
+    """What a failed send or read means, in words, and where it happened."""
+    if isinstance(exc, socket.timeout):
+        return "timed out after %gs waiting for data" % client._read_timeout
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "%s closed the connection without answering" % _peer(client)
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by %s" % _peer(client)
+    if isinstance(exc, BrokenPipeError):
+        return "%s closed the connection while the request was sent" % _peer(client)
+    return "%s (%s)" % (_describe(exc), _peer(client))
+
+
+def _tried(client: "Client", posted: bool) -> str:
+    """The method and URL of the request, as a user would check them."""
+    path = client._chat_path if posted else client._models_path
+    if "://" not in path:  # not already absolute for a proxy
+        path = "%s://%s%s" % (client._scheme, _where(client._host, client._port), path)
+    return "%s %s" % ("POST" if posted else "GET", _shown_url(path))
+
+
+def _peer(client: "Client") -> str:
+    """The server (or the proxy) a client talks to, as ``host:port``."""
+    if client._proxy:
+        return "proxy %s" % _where(client._proxy[0], client._proxy[1])
+    return _where(client._host, client._port)
 
 
 def _retry_after(value: "Optional[str]") -> "Optional[float]":
@@ -2002,12 +2137,6 @@ def _retry_after(value: "Optional[str]") -> "Optional[float]":
         return None
 
 
-def _text_of_parts(content: "Any") -> str:
-    """Text of a content given as a list of parts (``[{"type": "text", "text": ...}]``)."""
-    if not isinstance(content, list):
-        return ""
-    return "".join(part.get("text") or "" for part in content
-                   if isinstance(part, dict) and isinstance(part.get("text"), str))
 
 
 def _field(value: "Any", key: str) -> "Any":
