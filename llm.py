@@ -518,19 +518,16 @@ class Client:
         self._deadline = _seconds("deadline", deadline) if deadline is not None else 0.0
         self._retries = _count("retries", retries)
         self._max_bytes = _count("max_bytes", max_bytes)
-        if verify is None:
-            verify = True
-        elif isinstance(verify, (str, os.PathLike)) and os.fspath(verify):
-            verify, ca_file = True, os.fspath(verify)  # a CA file, as requests takes it
-        elif not isinstance(verify, bool):  # 0, "", a config value: never a silent "off"
-            raise TypeError("verify must be True, False or a CA file path, got %s"
-                            % _shown(verify))
-        self._verify, self._ca_file = verify, ca_file
+        self._verify, self._ca_file = _verification(verify, ca_file)
         if not isinstance(params or {}, dict):
             raise TypeError("params must be a dict, got %s" % type(params).__name__)
         self._params = dict(params or {})
         self._stream_usage = bool(stream_usage)
-        sent = _headers(self._api_key, headers or {})
+        self._set_headers(headers or {})
+
+    def _set_headers(self, headers: "Any") -> None:
+        """The headers each request sends, its proxy, and the secrets never to show."""
+        sent = _headers(self._api_key, headers)
         self._proxy = _proxy_for(self._scheme, self._host)
         if self._proxy and self._scheme == "http":  # a proxy wants the absolute URL
             origin = "http://%s" % _where(self._host, self._port)
@@ -757,6 +754,17 @@ def _text(name: str, value: "Any", secret: bool = False, single_line: bool = Tru
         shown = "" if secret else " (%r)" % value[:80]
         raise ValueError("%s contains a line break or NUL%s" % (name, shown))
     return value
+
+
+def _verification(verify: "Any", ca_file: "Any") -> "Tuple[bool, Any]":
+    """``verify`` and ``ca_file`` as the client keeps them: ``None`` is on, a path a CA file."""
+    if verify is None:
+        return True, ca_file
+    if isinstance(verify, (str, os.PathLike)) and os.fspath(verify):
+        return True, os.fspath(verify)  # a CA file, as requests takes it
+    if not isinstance(verify, bool):  # 0, "", a config value: never a silent "off"
+        raise TypeError("verify must be True, False or a CA file path, got %s" % _shown(verify))
+    return verify, ca_file
 
 
 def _seconds(name: str, value: "Any") -> float:
@@ -2383,17 +2391,9 @@ def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
                                                _where(client._host, client._port), _CHAT_HELP))
     history = []  # type: List[Dict[str, Any]]
     while True:
-        try:
-            line = _typed(input(_PROMPT))
-        except EOFError:  # Ctrl-D
-            _Console(sys.stdout).write("\n")
+        line = _next_line()
+        if line is None:
             return 0
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
-            _Console(sys.stdout).write("\n")
-            continue
-        except UnicodeDecodeError as exc:  # the terminal sent bytes its encoding lacks
-            _complain("that line could not be read: %s" % exc.reason)
-            continue
         command = line.strip()
         if command in ("/exit", "/quit"):
             return 0
@@ -2406,14 +2406,33 @@ def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
             _complain("unknown command %s: /help lists them; start with // to send a line"
                       " that begins with /" % command.split()[0])
         elif command:
-            if command.startswith("//"):
-                line = line.replace("/", "", 1)
-            history.append({"role": "user", "content": line})
-            reply = _interruptible(client, history, options, params)
-            if reply.ok or (reply.stop_reason == "cancelled" and reply.content):
-                history.append(_without_reasoning(reply.to_message()))
-            else:
-                history.pop()
+            _turn(client, history, line.replace("/", "", 1) if command.startswith("//")
+                  else line, options, params)
+
+
+def _next_line() -> "Optional[str]":
+    """The next line typed; "" after Ctrl-C or an unreadable line, None at the end."""
+    try:
+        return _typed(input(_PROMPT))
+    except EOFError:  # Ctrl-D
+        _Console(sys.stdout).write("\n")
+        return None
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
+        _Console(sys.stdout).write("\n")
+    except UnicodeDecodeError as exc:  # the terminal sent bytes its encoding lacks
+        _complain("that line could not be read: %s" % exc.reason)
+    return ""
+
+
+def _turn(client: Client, history: "List[Dict[str, Any]]", line: str, options: "Any",
+          params: "Dict[str, Any]") -> None:
+    """Send one line and keep the reply in the history; a failed turn leaves no trace."""
+    history.append({"role": "user", "content": line})
+    reply = _interruptible(client, history, options, params)
+    if reply.ok or (reply.stop_reason == "cancelled" and reply.content):
+        history.append(_without_reasoning(reply.to_message()))
+    else:
+        history.pop()
 
 
 def _without_reasoning(message: "Dict[str, Any]") -> "Dict[str, Any]":
