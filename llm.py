@@ -1785,7 +1785,7 @@ class _Assembler:
         self.model = self.id = ""
         self.logprobs = None  # type: Optional[List[Any]]
         self.kept_logprobs = 0  # log-probability entries kept, top_logprobs included
-        self.began = False  # the first token (text, reasoning, a tool call, a refusal) came
+        self.began = False  # something came to keep: text, reasoning, a tool call, a refusal
         self.done = False  # [DONE] or the whole reply came
 
     def event(self, kind: str, payload: "Any") -> "Optional[str]":
@@ -1840,8 +1840,8 @@ class _Assembler:
             self.finish = finish
         if choice.get("usage"):
             self.usage = choice["usage"]
-        if not self.began or choice.get("logprobs"):
-            self._note(choice)
+        if choice.get("logprobs"):
+            self._keep_logprobs(choice["logprobs"])
         delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
         return self._take(delta, whole=key == "message") if isinstance(delta, dict) else None
 
@@ -1882,7 +1882,10 @@ class _Assembler:
             text = _text_of_parts(text)
         if text:
             self.content.append(text)
+            self.began = True
             return text
+        if not self.began:
+            self.began = bool(self.reasoning or self.builders or self.refusal)
         return None
 
     def _add_tool_calls(self, fragments: "Any", whole: bool) -> None:
@@ -1926,24 +1929,20 @@ class _Assembler:
             self.by_index[index] = builder
         return builder
 
-    def _note(self, choice: "Dict[str, Any]") -> None:
-        """Keep a choice's log-probabilities, and whether the first token came."""
-        logprobs = _field(choice.get("logprobs"), "content")
-        if isinstance(logprobs, list):
-            self.kept_logprobs += len(logprobs) + sum(  # each costs some hundred bytes kept
-                len(entry["top_logprobs"]) for entry in logprobs if isinstance(entry, dict)
-                and isinstance(entry.get("top_logprobs"), list))
-            if self.kept_logprobs > self.max_bytes // _LOGPROB_COST:
-                raise _Failure("the reply carries more log-probabilities than max_bytes"
-                               " (%d bytes) allows to keep" % self.max_bytes)
-            if self.logprobs is None:
-                self.logprobs = []
-            self.logprobs.extend(logprobs)
-        if not self.began:
-            delta = choice.get("delta") or choice.get("message")
-            self.began = isinstance(delta, dict) and any(delta.get(field) for field in (
-                "content", "reasoning_content", "reasoning", "tool_calls", "refusal",
-                "function_call"))
+    def _keep_logprobs(self, logprobs: "Any") -> None:
+        """Keep a choice's log-probabilities, as many as ``max_bytes`` allows."""
+        entries = _field(logprobs, "content")
+        if not isinstance(entries, list):
+            return
+        self.kept_logprobs += len(entries) + sum(  # each costs some hundred bytes kept
+            len(entry["top_logprobs"]) for entry in entries if isinstance(entry, dict)
+            and isinstance(entry.get("top_logprobs"), list))
+        if self.kept_logprobs > self.max_bytes // _LOGPROB_COST:
+            raise _Failure("the reply carries more log-probabilities than max_bytes"
+                           " (%d bytes) allows to keep" % self.max_bytes)
+        if self.logprobs is None:
+            self.logprobs = []
+        self.logprobs.extend(entries)
 
     def response(self, error: str = "", cancelled: bool = False,
                  secrets: "Optional[List[str]]" = None) -> Response:
