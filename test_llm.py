@@ -513,6 +513,9 @@ class AssemblerTest(unittest.TestCase):
         listed = [fragment(0, "a", "f", "{}", type="function"), fragment(0, "b", "g", '{"y": 1}')]
         reply = assemble_whole(message(None, "tool_calls", tool_calls=listed))
         self.assertEqual(calls(reply), [("a", "f", "{}", "function"), ("b", "g", '{"y": 1}', "function")])
+        no_ids = [fragment(0, name="f", arguments="{}"), fragment(0, name="g", arguments="{}")]
+        reply = assemble_whole(message(None, "tool_calls", tool_calls=no_ids))  # each at index 0
+        self.assertEqual(calls(reply), [("call_0", "f", "{}", "function"), ("call_1", "g", "{}", "function")])
 
     def test_unindexed_fragments_continue_the_last_call_and_a_new_id_starts_one(self):
         reply = assemble(delta(tool_calls=[fragment(id="a", name="f", arguments='{"a"')]),
@@ -543,14 +546,16 @@ class AssemblerTest(unittest.TestCase):
         reply = assemble(delta(function_call={"name": "f", "arguments": ""}),
                          delta(function_call={"arguments": '{"a":'}),
                          delta(function_call={"arguments": " 1}"}), delta(finish="function_call"))
-        self.assertEqual((calls(reply), reply.stop_reason), ([("call_0", "f", '{"a": 1}', "function")], "tool_calls"))
+        self.assertEqual(calls(reply), [("call_0", "f", '{"a": 1}', "function")])
+        self.assertEqual(reply.stop_reason, "tool_calls")
         self.assertTrue(reply._legacy_call)
         self.assertEqual(reply.to_message(), {"role": "assistant", "content": None,
                                               "function_call": {"name": "f", "arguments": '{"a": 1}'}})
 
     def test_a_legacy_function_call_whole(self):
         reply = assemble_whole(message(None, "function_call", function_call={"name": "f", "arguments": "{}"}))
-        self.assertEqual((calls(reply), reply.stop_reason), ([("call_0", "f", "{}", "function")], "tool_calls"))
+        self.assertEqual(calls(reply), [("call_0", "f", "{}", "function")])
+        self.assertEqual(reply.stop_reason, "tool_calls")
         self.assertEqual(reply.to_message(), {"role": "assistant", "content": None,
                                               "function_call": {"name": "f", "arguments": "{}"}})
 
