@@ -374,6 +374,376 @@ class SSEDecoderTest(unittest.TestCase):
         self.assertEqual(decode(b"data: [DONE]"), [("message", llm._DONE)])
 
 
+# ---------------------------------------------------------------- the reply assembler
+
+
+def fed(*events, **options):
+    """An assembler fed these stream events ("message" events: dicts, text or llm._DONE)."""
+    assembler = llm._Assembler(**options)
+    for item in events:
+        assembler.event("message", item)
+    return assembler
+
+
+def assemble(*chunks, **options):
+    """The Response to these stream chunks, ended by [DONE]."""
+    return fed(*(chunks + (llm._DONE,)), **options).response()
+
+
+def assemble_whole(reply):
+    """The Response to a whole (not streamed) reply."""
+    assembler = llm._Assembler()
+    assembler.whole(reply)
+    return assembler.response()
+
+
+def fragment(index=None, id=None, name=None, arguments=None, **fields):
+    """One tool-call fragment as servers stream it; only the given fields are sent."""
+    function = {key: value for key, value in (("name", name), ("arguments", arguments))
+                if value is not None}
+    for key, value in (("index", index), ("id", id)):
+        if value is not None:
+            fields[key] = value
+    fields["function"] = function
+    return fields
+
+
+def calls(reply):
+    return [(call.id, call.name, call.arguments, call.type) for call in reply.tool_calls]
+
+
+def failure(function, *args):
+    """The message of the llm._Failure that function(*args) raises."""
+    try:
+        function(*args)
+    except llm._Failure as exc:
+        return str(exc)
+    raise AssertionError("no llm._Failure raised")
+
+
+class AssemblerTest(unittest.TestCase):
+    """The rules about what a reply means, fed to the assembler as dicts: no server."""
+
+    # stop reasons
+
+    def test_every_stop_reason_synonym_is_read_in_any_case(self):
+        synonyms = {"stop": "stop", "end_turn": "stop", "eos": "stop", "eos_token": "stop",
+                    "stop_sequence": "stop", "end": "stop", "length": "length",
+                    "max_tokens": "length", "max_output_tokens": "length",
+                    "model_length": "length", "tool_calls": "tool_calls",
+                    "tool_call": "tool_calls", "tool_use": "tool_calls",
+                    "function_call": "tool_calls", "content_filter": "content_filter",
+                    "safety": "content_filter", "recitation": "content_filter",
+                    "prohibited_content": "content_filter"}
+        for said, meant in synonyms.items():
+            for spelling in (said, said.upper(), said.title()):
+                self.assertEqual(assemble(delta("x", spelling)).stop_reason, meant, spelling)
+                self.assertEqual(assemble_whole(message("x", spelling)).stop_reason, meant, spelling)
+
+    def test_an_unknown_stop_reason_passes_through_unchanged(self):
+        reply = assemble(delta("x", "Paused_By_Provider"))
+        self.assertEqual((reply.stop_reason, reply.error, reply.ok), ("Paused_By_Provider", "", True))
+
+    def test_stop_with_tool_calls_is_tool_calls(self):
+        reply = assemble(delta(tool_calls=[fragment(0, "c1", "f", "{}")]), delta(finish="stop"))
+        self.assertEqual(reply.stop_reason, "tool_calls")
+        whole = message(None, "end_turn", tool_calls=[fragment(0, "c1", "f", "{}")])
+        self.assertEqual(assemble_whole(whole).stop_reason, "tool_calls")
+
+    def test_stop_with_a_refusal_is_refusal_but_length_stays_length(self):
+        self.assertEqual(assemble(delta(refusal="No."), delta(finish="stop")).stop_reason, "refusal")
+        self.assertEqual(assemble(delta(refusal="No."), delta(finish="length")).stop_reason, "length")
+
+    def test_a_failure_the_server_names_as_finish_reason_is_an_error(self):
+        for said in ("error", "cancelled", "canceled", "abort", "aborted", "Error", "ABORTED"):
+            reply = assemble(delta("part"), delta(finish=said))
+            self.assertEqual((reply.stop_reason, reply.content, reply.ok), ("error", "part", False))
+            self.assertEqual(reply.error, 'the server ended the reply: finish_reason "%s"' % said)
+
+    def test_no_finish_reason_is_stop(self):
+        self.assertEqual(assemble_whole(message("hi", None)).stop_reason, "stop")
+        self.assertEqual(assemble(delta("hi")).stop_reason, "stop")  # [DONE] came
+
+    # choices
+
+    def test_with_several_choices_the_first_index_seen_is_followed(self):
+        def choice(index, text, finish=None):
+            return {"index": index, "delta": {"content": text}, "finish_reason": finish}
+        assembler = fed({"choices": [choice(1, "B1")]}, {"choices": [choice(0, "A1")]},
+                        {"choices": [choice(0, "A2", "stop"), choice(1, "B2", "length")]})
+        self.assertEqual(assembler.event("message", {"choices": [choice(0, "A3")]}), None)
+        reply = assembler.response()
+        self.assertEqual((reply.content, reply.stop_reason), ("B1B2", "length"))
+
+    def test_a_choice_without_an_index_is_index_0(self):
+        reply = assemble({"choices": [{"delta": {"content": "a"}}]},
+                         {"choices": [{"index": 1, "delta": {"content": "X"}},
+                                      {"index": 0, "delta": {"content": "b"}}]},
+                         {"choices": [{"index": None, "delta": {"content": "c"}}]})
+        self.assertEqual(reply.content, "abc")
+
+    def test_choices_that_are_not_dicts_are_ignored(self):
+        reply = assemble({"choices": ["junk", None, 7, {"index": 0, "delta": {"content": "a"}}]},
+                         {"choices": [[1]]}, {"choices": "text"}, delta("b", "stop"))
+        self.assertEqual((reply.content, reply.stop_reason), ("ab", "stop"))
+
+    def test_empty_or_absent_choices_carry_usage_only(self):
+        usage = {"prompt_tokens": 2, "completion_tokens": 1}
+        for last in ({"id": "x", "choices": [], "usage": usage}, {"id": "x", "usage": usage}):
+            assembler = fed(delta("a", "stop"), last, llm._DONE)
+            assembler.check()
+            reply = assembler.response()
+            self.assertEqual((reply.content, reply.stop_reason), ("a", "stop"))
+            self.assertEqual(reply.usage, {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3})
+
+    # tool calls
+
+    def test_streamed_tool_call_fragments_are_joined_by_index(self):
+        reply = assemble(delta(tool_calls=[fragment(0, "a", "f", "")]),
+                         delta(tool_calls=[fragment(1, "b", "g", '{"x"')]),
+                         delta(tool_calls=[fragment(0, arguments='{"q":')]),
+                         delta(tool_calls=[fragment(1, arguments=": 2}")]),
+                         delta(tool_calls=[fragment(0, arguments=" 1}")], finish="tool_calls"))
+        self.assertEqual(calls(reply), [("a", "f", '{"q": 1}', "function"),
+                                        ("b", "g", '{"x": 2}', "function")])
+        self.assertEqual([call.args for call in reply.tool_calls], [{"q": 1}, {"x": 2}])
+        self.assertEqual(reply.stop_reason, "tool_calls")
+
+    def test_a_whole_message_lists_its_calls_by_position(self):
+        listed = [fragment(0, "a", "f", "{}", type="function"), fragment(0, "b", "g", '{"y": 1}')]
+        reply = assemble_whole(message(None, "tool_calls", tool_calls=listed))
+        self.assertEqual(calls(reply), [("a", "f", "{}", "function"), ("b", "g", '{"y": 1}', "function")])
+        no_ids = [fragment(0, name="f", arguments="{}"), fragment(0, name="g", arguments="{}")]
+        reply = assemble_whole(message(None, "tool_calls", tool_calls=no_ids))  # each at index 0
+        self.assertEqual(calls(reply), [("call_0", "f", "{}", "function"), ("call_1", "g", "{}", "function")])
+
+    def test_unindexed_fragments_continue_the_last_call_and_a_new_id_starts_one(self):
+        reply = assemble(delta(tool_calls=[fragment(id="a", name="f", arguments='{"a"')]),
+                         delta(tool_calls=[fragment(arguments=": 1}")]),
+                         delta(tool_calls=[fragment(id="a", arguments="")]),
+                         delta(tool_calls=[fragment(id="b", name="g", arguments="{}")]))
+        self.assertEqual(calls(reply), [("a", "f", '{"a": 1}', "function"), ("b", "g", "{}", "function")])
+
+    def test_an_index_reused_with_another_id_starts_a_new_call(self):
+        reply = assemble(delta(tool_calls=[fragment(0, "a", "f", "{}")]),
+                         delta(tool_calls=[fragment(0, "b", "g", '{"k"')]),
+                         delta(tool_calls=[fragment(0, arguments=": 1}")]),
+                         delta(tool_calls=[fragment(0, "b", arguments="")]))
+        self.assertEqual(calls(reply), [("a", "f", "{}", "function"), ("b", "g", '{"k": 1}', "function")])
+
+    def test_arguments_sent_as_an_object_are_kept_as_json_text(self):
+        streamed = assemble(delta(tool_calls=[fragment(0, "a", "f", {"city": "Paris"})]))
+        whole = assemble_whole(message(None, tool_calls=[fragment(0, "a", "f", {"city": "Paris"})]))
+        for reply in (streamed, whole):
+            self.assertEqual(reply.tool_calls[0].arguments, json.dumps({"city": "Paris"}))
+            self.assertEqual(reply.tool_calls[0].args, {"city": "Paris"})
+
+    def test_a_single_call_sent_as_a_dict_instead_of_a_list(self):
+        reply = assemble(delta(tool_calls=fragment(0, "a", "f", '{"n": 1}')), delta(finish="tool_calls"))
+        self.assertEqual(calls(reply), [("a", "f", '{"n": 1}', "function")])
+
+    def test_a_legacy_function_call_streamed(self):
+        reply = assemble(delta(function_call={"name": "f", "arguments": ""}),
+                         delta(function_call={"arguments": '{"a":'}),
+                         delta(function_call={"arguments": " 1}"}), delta(finish="function_call"))
+        self.assertEqual(calls(reply), [("call_0", "f", '{"a": 1}', "function")])
+        self.assertEqual(reply.stop_reason, "tool_calls")
+        self.assertTrue(reply._legacy_call)
+        self.assertEqual(reply.to_message(), {"role": "assistant", "content": None,
+                                              "function_call": {"name": "f", "arguments": '{"a": 1}'}})
+
+    def test_a_legacy_function_call_whole(self):
+        reply = assemble_whole(message(None, "function_call", function_call={"name": "f", "arguments": "{}"}))
+        self.assertEqual(calls(reply), [("call_0", "f", "{}", "function")])
+        self.assertEqual(reply.stop_reason, "tool_calls")
+        self.assertEqual(reply.to_message(), {"role": "assistant", "content": None,
+                                              "function_call": {"name": "f", "arguments": "{}"}})
+
+    def test_at_most_the_cap_of_tool_calls(self):
+        cap = llm._MAX_TOOL_CALLS
+        many = [fragment(i, "c%d" % i, "f", "{}") for i in range(cap)]
+        self.assertEqual(len(assemble(delta(tool_calls=many)).tool_calls), cap)
+        assembler = fed(delta(tool_calls=many))
+        said = failure(assembler.event, "message", delta(tool_calls=[fragment(cap, "over", "f", "{}")]))
+        self.assertIn(str(cap), said)
+        reply = assembler.response(error=said)
+        self.assertEqual((reply.stop_reason, len(reply.tool_calls)), ("error", cap))
+        self.assertIn(str(cap), failure(llm._Assembler().whole, message(None, tool_calls=many + many[:1])))
+
+    def test_a_call_without_id_or_type_gets_call_n_and_function(self):
+        reply = assemble(delta(tool_calls=[fragment(0, name="f", arguments="{}"),
+                                           fragment(1, "b", "g", "{}", type="custom")]),
+                         delta(tool_calls=[fragment(2, name="h")]))
+        self.assertEqual(calls(reply), [("call_0", "f", "{}", "function"), ("b", "g", "{}", "custom"),
+                                        ("call_2", "h", "", "function")])
+        self.assertEqual(reply.tool_calls[0].to_dict()["type"], "function")
+
+    # refusal, reasoning, content parts
+
+    def test_a_refusal_accumulates_across_chunks(self):
+        reply = assemble(delta(refusal="I can"), delta(refusal="not help."), delta(finish="stop"))
+        self.assertEqual((reply.refusal, reply.content, reply.stop_reason, reply.ok),
+                         ("I cannot help.", "", "refusal", True))
+        self.assertEqual(reply.to_message(), {"role": "assistant", "content": None,
+                                              "refusal": "I cannot help."})
+        self.assertEqual(assemble_whole(message(None, refusal="No.")).refusal, "No.")
+
+    def test_reasoning_under_either_field_name(self):
+        for field in ("reasoning_content", "reasoning"):
+            reply = assemble(delta(**{field: "think"}), delta(**{field: "ing"}), delta("4", "stop"))
+            self.assertEqual((reply.reasoning, reply.content, reply._reasoning_field),
+                             ("thinking", "4", field))
+            self.assertEqual(reply.to_message(), {"role": "assistant", "content": "4", field: "thinking"})
+            whole = assemble_whole(message("4", **{field: "thinking"}))
+            self.assertEqual((whole.reasoning, whole._reasoning_field), ("thinking", field))
+
+    def test_content_as_a_list_of_parts(self):
+        parts = [{"type": "text", "text": "Hel"}, {"type": "image_url", "image_url": {}}, "junk",
+                 {"type": "text", "text": "lo"}]
+        self.assertEqual(llm._Assembler().event("message", delta(parts)), "Hello")
+        self.assertEqual(assemble_whole(message(parts)).content, "Hello")
+
+    # usage
+
+    def test_usage_wherever_a_server_puts_it(self):
+        usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        in_choice = delta("a", "stop")
+        in_choice["choices"][0]["usage"] = usage
+        top = dict(delta("a", "stop"), usage=usage)
+        groq = dict(delta("a", "stop"), x_groq={"usage": usage})
+        for chunks in ([top], [delta("a", "stop"), {"choices": [], "usage": usage}], [in_choice],
+                       [dict(delta("a"), x_groq={"id": "req_1"}), groq]):
+            self.assertEqual(assemble(*chunks).usage, usage)
+        self.assertEqual(assemble_whole(message("a", usage=usage)).usage, usage)
+        self.assertIsNone(assemble(delta("a", "stop")).usage)
+
+    def test_input_and_output_tokens_count_as_prompt_and_completion(self):
+        reply = assemble(dict(delta("a", "stop"), usage={"input_tokens": 3, "output_tokens": 4}))
+        self.assertEqual(reply.usage, {"input_tokens": 3, "output_tokens": 4, "prompt_tokens": 3,
+                                       "completion_tokens": 4, "total_tokens": 7})
+
+    def test_the_total_is_computed_only_when_missing(self):
+        self.assertEqual(assemble(dict(delta("a"), usage={"prompt_tokens": 1, "completion_tokens": 2}))
+                         .usage["total_tokens"], 3)
+        self.assertEqual(assemble(dict(delta("a"), usage={"prompt_tokens": 1, "completion_tokens": 2,
+                                                          "total_tokens": 10})).usage["total_tokens"], 10)
+
+    def test_only_the_counts_of_usage_are_kept_nested_ones_too(self):
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "queue_time": 0.25, "model": "m",
+                 "cached": True, "tags": [1, 2], "completion_tokens_details": {"reasoning_tokens": 5,
+                                                                             "note": "x"},
+                 "meta": {"who": "x"}}
+        self.assertEqual(assemble(dict(delta("a"), usage=usage)).usage,
+                         {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                          "queue_time": 0.25, "completion_tokens_details": {"reasoning_tokens": 5}})
+
+    # log-probabilities and the first token
+
+    def test_logprobs_are_joined_across_chunks(self):
+        reply = assemble(choice_chunk("Hel", {"content": [token("Hel", -0.1)]}),
+                         choice_chunk("lo", {"content": [token("lo", -0.2), token("", -0.3)]}),
+                         choice_chunk("", None, "stop"))
+        self.assertEqual(reply.logprobs, [token("Hel", -0.1), token("lo", -0.2), token("", -0.3)])
+        self.assertIsNone(assemble(delta("a", "stop")).logprobs)
+
+    def test_the_first_token_is_a_delta_that_carries_one(self):
+        assembler = llm._Assembler()
+        for empty in (delta("", role="assistant"), delta(None, role="assistant"),
+                      {"choices": [], "usage": {"prompt_tokens": 1}}, {"choices": [{"index": 0}]}):
+            assembler.event("message", empty)
+            self.assertFalse(assembler.began, empty)
+        for first in (delta("a"), delta(reasoning_content="r"), delta(reasoning="r"),
+                      delta(refusal="no"), delta(tool_calls=[fragment(0, "a", "f")]),
+                      delta(function_call={"name": "f"})):
+            assembler = llm._Assembler()
+            assembler.event("message", first)
+            self.assertTrue(assembler.began, first)
+
+    def test_logprobs_past_what_max_bytes_allows_are_refused(self):
+        assembler = llm._Assembler(max_bytes=4 * llm._LOGPROB_COST)  # 4 entries
+        with_top = dict(token("a", -0.1), top_logprobs=[token("a", -0.1), token("b", -2.0)])
+        assembler.event("message", choice_chunk("a", {"content": [with_top]}))  # 3 entries
+        assembler.event("message", choice_chunk("b", {"content": [token("b", -0.2)]}))  # 4
+        said = failure(assembler.event, "message", choice_chunk("c", {"content": [token("c", -0.3)]}))
+        self.assertIn("max_bytes (%d bytes)" % (4 * llm._LOGPROB_COST), said)
+        reply = assembler.response(error=said)
+        self.assertEqual((reply.stop_reason, reply.content, len(reply.logprobs)), ("error", "ab", 2))
+
+    # failures sent in-band
+
+    def test_an_error_chunk_or_error_event_is_a_failure(self):
+        for payload, said in (({"error": "model not loaded"}, "model not loaded"),
+                              ({"error": {"message": "overloaded", "code": 503}}, "overloaded"),
+                              ({"object": "error", "message": "bad request"}, "bad request")):
+            self.assertEqual(failure(fed(delta("a")).event, "message", payload), said)
+        self.assertEqual(failure(llm._Assembler().event, "error", {"message": "boom"}), "boom")
+        self.assertEqual(failure(llm._Assembler().event, "error", "plain words"), "plain words")
+        self.assertEqual(failure(llm._Assembler().event, "error", {}), "the server sent an error event")
+        self.assertEqual(failure(llm._Assembler().whole, {"error": {"message": "no"}}), "no")
+
+    def test_an_unknown_event_alone_is_the_failure(self):
+        for payload, said in (({"detail": "Not Found"}, "Not Found"),
+                              ({"message": "try later"}, "try later"),
+                              ("Internal Server Error", "Internal Server Error"),
+                              ({"status": 7}, '{"status": 7}')):
+            assembler = fed(payload, llm._DONE)
+            self.assertEqual(failure(assembler.check), "the stream carried no reply, only: " + said)
+
+    def test_an_unknown_event_beside_a_reply_is_no_failure(self):
+        for events in (({"detail": "x"}, delta("hi")), (delta("hi"), "plain text"),
+                       ({"message": "x"}, delta(finish="stop"))):
+            fed(*events).check()
+
+    def test_a_stream_that_ends_without_done_needs_a_finish_reason(self):
+        self.assertEqual(failure(llm._Assembler().ended, False), "the server sent an empty reply")
+        self.assertEqual(failure(fed(delta("a")).ended, True), "stream ended before [DONE]")
+        fed(delta("a", "stop")).ended(True)
+        self.assertEqual(failure(fed({"detail": "gone"}).ended, True),
+                         "the stream carried no reply, only: gone")
+
+    def test_a_whole_reply_without_choices_is_a_failure(self):
+        self.assertEqual(failure(llm._Assembler().whole, {"id": "x"}),
+                         'the reply has no choices: {"id": "x"}')
+
+    # the response
+
+    def test_cancelled_keeps_what_came(self):
+        reply = fed(delta("par"), delta(reasoning="r")).response(cancelled=True)
+        self.assertEqual((reply.stop_reason, reply.content, reply.reasoning, reply.error),
+                         ("cancelled", "par", "r", ""))
+
+    def test_an_error_is_one_line_and_keeps_what_came(self):
+        reply = fed(delta("par")).response(error="bad\n  thing\r\nhere")
+        self.assertEqual((reply.stop_reason, reply.content, reply.error), ("error", "par", "bad thing here"))
+
+    def test_secrets_are_redacted_from_an_error_and_an_unknown_finish_reason(self):
+        reply = fed(delta("a")).response(error="key %s refused" % KEY, secrets=[KEY])
+        self.assertEqual(reply.error, "key *** refused")
+        odd = fed(delta("a", "odd-" + KEY)).response(secrets=[KEY])
+        self.assertEqual(odd.stop_reason, "odd-***")
+
+    def test_id_and_model_come_from_the_first_chunk_that_has_them(self):
+        reply = assemble({"choices": []}, dict(delta("a"), id="c1", model="m1"),
+                         dict(delta("b"), id="c2", model="m2"))
+        self.assertEqual((reply.id, reply.model), ("c1", "m1"))
+        self.assertEqual((assemble_whole(message("a")).id, assemble_whole(message("a")).model),
+                         ("chatcmpl-9", "m"))
+
+    # model listings
+
+    def test_model_ids_in_openai_and_ollama_shapes(self):
+        self.assertEqual(llm._model_ids({"object": "list", "data": [{"id": "gpt-4o"}, {"id": "o3"}]}),
+                         ["gpt-4o", "o3"])
+        self.assertEqual(llm._model_ids({"models": [{"name": "llama3.2:latest", "size": 1}]}),
+                         ["llama3.2:latest"])
+
+    def test_model_ids_skip_junk(self):
+        self.assertEqual(llm._model_ids({"data": [{"id": "a"}, "b", None, {"id": 3}, {}, [1], {"id": "c"}]}),
+                         ["a", "c"])
+        for listing in ({"data": "a"}, {"data": {"id": "a"}}, {"models": 5}, {}):
+            self.assertEqual(llm._model_ids(listing), [])
+
+
 # ---------------------------------------------------------------- streaming
 
 
