@@ -181,8 +181,8 @@ class Response:
 
     ``content``: the assistant text (what came before an error or cancel);
     ``role``: ``"assistant"``; ``stop_reason``: ``"stop"``, ``"length"``,
-    ``"tool_calls"``, ``"content_filter"``, ``"error"``, ``"cancelled"`` or
-    an unknown server value as it is; ``error``: ``""`` or one readable line;
+    ``"tool_calls"``, ``"content_filter"``, ``"refusal"``, ``"error"``,
+    ``"cancelled"`` or an unknown server value as it is; ``error``: ``""`` or one readable line;
     ``status``: the HTTP status, ``0`` when no response arrived; ``usage``:
     a dict with ``prompt_tokens``, ``completion_tokens``, ``total_tokens``
     when the server reported them, else ``None``; ``tool_calls``: a list of
@@ -1827,8 +1827,9 @@ class _Assembler:
         """Take what a chunk (``key="delta"``) or a whole reply (``"message"``) carries."""
         if chunk.get("error") is not None or chunk.get("object") == "error":
             raise _Failure(_message_of(chunk) or "the server sent an error")
-        if not self.id:
-            self.id, self.model = _string(chunk.get("id")), _string(chunk.get("model"))
+        if not (self.id and self.model):  # each from the first chunk that names it
+            self.id = self.id or _string(chunk.get("id"))
+            self.model = self.model or _string(chunk.get("model"))
         usage = chunk.get("usage")
         if usage or "x_groq" in chunk:  # Groq puts it in x_groq
             self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage

@@ -729,6 +729,15 @@ class AssemblerTest(unittest.TestCase):
         self.assertEqual((assemble_whole(message("a")).id, assemble_whole(message("a")).model),
                          ("chatcmpl-9", "m"))
 
+    def test_id_and_model_are_each_kept_from_the_first_chunk_that_names_it(self):
+        def chunk(text, **names):
+            return dict({"choices": delta(text)["choices"]}, **names)
+
+        reply = assemble(chunk("", model="m1"), chunk("a", id="c1"), chunk("b", id="c2", model="m2"))
+        self.assertEqual((reply.id, reply.model), ("c1", "m1"))
+        reply = assemble(chunk("", id="c1"), chunk("a", model="m1"), chunk("b", model="m2"))
+        self.assertEqual((reply.id, reply.model), ("c1", "m1"))
+
     # model listings
 
     def test_model_ids_in_openai_and_ollama_shapes(self):
