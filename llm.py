@@ -993,8 +993,7 @@ class _Call:
         while True:
             budget -= len(data)
             if budget < 0:
-                exchange.broken = True
-                raise _Failure("response larger than max_bytes (%d bytes)" % max_bytes)
+                exchange.too_large()
             for kind, payload in decoder.feed(data) if data else decoder.close():
                 text = event(kind, payload)
                 if waiting and assembler.began:
@@ -1150,8 +1149,7 @@ class _Guard:
                 return sock
             except OSError as exc:
                 sock.close()
-                if self.cancelled or self.expired:
-                    raise _Failure("cancelled")
+                self.check()
                 problem = exc
             except BaseException:
                 sock.close()
@@ -1331,7 +1329,7 @@ class _Exchange:
         limit = self.client._max_bytes - len(first)
         if answer.length is not None:
             if answer.length > limit:
-                self._too_large()
+                self.too_large()
             rest = self.read(answer, whole=True)  # read() closes the answer: reusable
             return first + rest if first else rest
         parts = [first]
@@ -1342,9 +1340,9 @@ class _Exchange:
             parts.append(data)
             limit -= len(data)
             if limit < 0:
-                self._too_large()
+                self.too_large()
 
-    def _too_large(self) -> None:
+    def too_large(self) -> None:
         self.broken = True
         raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
 
