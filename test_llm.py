@@ -23,8 +23,8 @@ from unittest import mock
 import llm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CA_FILE = os.path.join(HERE, "testdata", "ca.pem")
-SERVER_PEM = os.path.join(HERE, "testdata", "server.pem")
+CA_FILE = os.path.join(HERE, "tests", "testdata", "ca.pem")
+SERVER_PEM = os.path.join(HERE, "tests", "testdata", "server.pem")
 KEY = "sk-test-SECRET-0123456789"
 HI = [{"role": "user", "content": "Hi"}]
 CLOSE, RESET, HANG = "close", "reset", "hang"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The live conformance suite (test_live.py) against real servers on loopback.
+# The live conformance suite (tests/test_live.py) against real servers on loopback.
 #
 #   .ci/live.sh                          llama.cpp's llama-server
 #   LIVE_SERVER=vllm .ci/live.sh         vLLM's OpenAI server (CPU build)
@@ -10,7 +10,7 @@
 # PYTHONS (or PYTHON) names the interpreters that run the tests, one run each
 # (default python3). Starts two servers with the tiny deterministic model of
 # shared/realserver (beside this repository's checkout): one open, one that
-# wants an API key. Runs `python -m unittest -v test_live` against them with
+# wants an API key. Runs `python -m unittest -v tests.test_live` against them with
 # LLM_TEST_REQUIRE=1 (an unreachable server fails instead of skipping) and
 # LLM_TEST_SERVER (the server must be detected as the one started), stops both
 # servers by PID, and exits with the tests' status.
@@ -228,7 +228,7 @@ for py in "${PYS[@]}"; do
       LLM_TEST_EXCLUSIVE=1 \
       LLM_TEST_REQUIRE=1 \
       LLM_TEST_SERVER="$KIND" \
-      "$py" -m unittest -v test_live 2>&1 | tee "$OUTPUT"
+      "$py" -m unittest -v tests.test_live 2>&1 | tee "$OUTPUT"
   run_status=${PIPESTATUS[0]}
   set -e
   unexpected="$(grep -Eo "\.\.\. skipped ['\"].*['\"]$" "$OUTPUT" | sed -E "s/^\.\.\. skipped ['\"]//" \

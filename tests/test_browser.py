@@ -1,6 +1,6 @@
 """examples/relay.py in a real browser: headless Chromium, driven over the DevTools protocol.
 
-Run with ``python -m unittest test_browser``. It is skipped when
+Run with ``python -m unittest tests.test_browser``. It is skipped when
 /usr/bin/chromium is absent (a failure instead when LLM_BROWSER_REQUIRED is
 set). The test starts a loopback LLM server (from test_llm) that sends its
 reply in pieces with pauses, relay.py on a free port, and Chromium with
@@ -35,10 +35,13 @@ import threading
 import time
 import unittest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+    sys.path.insert(0, ROOT)
+
 from test_llm import Server, answer, delta, sse
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RELAY = os.path.join(HERE, "examples", "relay.py")
+RELAY = os.path.join(ROOT, "examples", "relay.py")
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

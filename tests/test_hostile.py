@@ -1,7 +1,7 @@
 """Hostile tests for llm.py: fuzzing, properties, and servers that misbehave on purpose.
 
-    python -m unittest test_hostile                          # the short run
-    LLM_FUZZ_EXAMPLES=5000 python -m unittest test_hostile   # a long fuzzing run
+    python -m unittest tests.test_hostile                          # the short run
+    LLM_FUZZ_EXAMPLES=5000 python -m unittest tests.test_hostile   # a long fuzzing run
 
 ``LLM_FUZZ_EXAMPLES`` is the number of examples each property tries (the short
 run uses 20 to 75, a quarter of each property's own weight; CI asks for 200). ``LLM_FUZZ_REPORT=1``
@@ -31,6 +31,10 @@ import threading
 import time
 import unittest
 from unittest import mock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+    sys.path.insert(0, ROOT)
 
 import llm
 from test_llm import (CLOSE, END, HANG, RESET, LoopbackCase, Server, Writes, answer, chunk, delta,

@@ -1,4 +1,4 @@
-"""Tests for the programs in examples/: run with ``python -m unittest test_examples``.
+"""Tests for the programs in examples/: run with ``python -m unittest tests.test_examples``.
 
 Each example runs as a subprocess against loopback servers from test_llm
 (exact bytes, in steps); relay.py is started on a free port and spoken to
@@ -20,11 +20,14 @@ import threading
 import time
 import unittest
 
-from test_cli import WAIT, environment, run
-from test_llm import Server, answer, delta, free_port, message, sse
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+    sys.path.insert(0, ROOT)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(HERE, "examples")
+from test_llm import Server, answer, delta, free_port, message, sse
+from tests.test_cli import WAIT, environment, run
+
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def tool_call(name, arguments, call_id):
@@ -551,7 +554,7 @@ class ImportTest(ExampleCase):
 
     def test_a_copy_beside_llm_py_uses_that_llm_py(self):
         shutil.copy(os.path.join(EXAMPLES, "json_reply.py"), self.directory)
-        shutil.copy(os.path.join(HERE, "llm.py"), self.directory)
+        shutil.copy(os.path.join(ROOT, "llm.py"), self.directory)
         server = self.serve(answer(message('{"b": 2}')))
         result = run([sys.executable, os.path.join(self.directory, "json_reply.py"), "--base-url",
                       server.url, "Hi"], b"", environment(PYTHONPATH=self.installed_llm()))
@@ -587,7 +590,7 @@ class CleanErrorTest(ExampleCase):
     def test_the_schema_the_usage_names_is_shipped_and_sent(self):
         with open(os.path.join(EXAMPLES, "json_reply.py"), encoding="utf-8") as f:
             usage = f.read().split('"""')[1]
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
             readme = f.read()
         named = set(re.findall(r"[\w.-]+\.schema\.json", usage + readme))
         self.assertEqual(named, {"greeting.schema.json"})

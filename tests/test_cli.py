@@ -1,4 +1,4 @@
-"""Tests for llm.py's command line: run with ``python -m unittest test_cli``.
+"""Tests for llm.py's command line: run with ``python -m unittest tests.test_cli``.
 
 Each test runs ``python llm.py ...`` as a subprocess against a loopback server
 from test_llm (exact bytes, in steps). The chat loop is driven through a
@@ -16,11 +16,14 @@ import threading
 import time
 import unittest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+    sys.path.insert(0, ROOT)
+
 from test_llm import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port, head,
                       message, sse)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LLM = os.path.join(HERE, "llm.py")
+LLM = os.path.join(ROOT, "llm.py")
 WAIT = 20  # seconds: the longest any one command may take
 try:
     import pty

@@ -1,9 +1,9 @@
 """Replay tests: the bytes a real llama-server and a real vLLM sent, played back to llm.py.
 
-``testdata/llama_server/NAME.bin`` holds one answer exactly as llama.cpp's
+``tests/testdata/llama_server/NAME.bin`` holds one answer exactly as llama.cpp's
 ``llama-server`` sent it (status line, headers, chunked framing and all;
-``testdata/vllm/`` the same from vLLM's OpenAI server), and
-``NAME.txt`` the request and the socket reads it came in; ``tools/record.py``
+``tests/testdata/vllm/`` the same from vLLM's OpenAI server), and
+``NAME.txt`` the request and the socket reads it came in; ``tests/record.py``
 makes both. Each test here serves a recording byte for byte from a loopback
 server in a thread, cut into several chunkings, and checks what llm.py makes
 of it against what the bytes say (read by the small reference reader below)
@@ -11,7 +11,7 @@ and against the tiny model's known answers.
 
 No real server needed; standard library only; Python 3.6 and later::
 
-    python -m unittest -v test_recorded
+    python -m unittest -v tests.test_recorded
 """
 
 import ast
@@ -20,9 +20,14 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py
+    sys.path.insert(0, ROOT)
 
 import llm
 

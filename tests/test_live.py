@@ -1,6 +1,6 @@
 """Live conformance tests: llm.py against a real OpenAI-compatible server.
 
-    LLM_TEST_BASE_URL=http://127.0.0.1:8080 LLM_TEST_MODEL=tiny python -m unittest -v test_live
+    LLM_TEST_BASE_URL=http://127.0.0.1:8080 LLM_TEST_MODEL=tiny python -m unittest -v tests.test_live
 
 Environment:
 
@@ -37,11 +37,16 @@ import io
 import json
 import os
 import re
+import sys
 import threading
 import time
 import unittest
 import uuid
 from urllib.parse import urlsplit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py
+    sys.path.insert(0, ROOT)
 
 import llm
 

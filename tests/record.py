@@ -1,6 +1,6 @@
 """Record the exact bytes an OpenAI-compatible server sends, for replay tests.
 
-    python tools/record.py [--base-url URL] [--model NAME]
+    python tests/record.py [--base-url URL] [--model NAME]
                            [--auth-base-url URL] [--auth-key KEY]
                            [--random-base-url URL] [--reasoning-base-url URL]
                            [--out DIR] [--print] [NAME ...]
@@ -13,7 +13,7 @@ line, headers, chunked framing and all. For each scenario it writes
     NAME.txt   the request, then one line per socket read:
                ``recv +SECONDS BYTES_REPR`` (the read boundaries as seen here)
 
-into ``--out`` (default ``testdata/llama_server`` beside this directory).
+into ``--out`` (default ``testdata/llama_server`` beside this file).
 ``--print`` also prints the ``.txt`` form to stdout. Only loopback servers
 are accepted. Standard library only; Python 3.6 and later.
 
@@ -279,7 +279,7 @@ def main(argv=None):
                         help="a server started with REALSERVER_MODE=random, for stream_random_text")
     parser.add_argument("--reasoning-base-url", default="",
                         help="a server that splits reasoning out, for *_reasoning")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(here), "testdata", "llama_server"))
+    parser.add_argument("--out", default=os.path.join(here, "testdata", "llama_server"))
     parser.add_argument("--print", action="store_true", help="print each recording too")
     parser.add_argument("only", nargs="*", help="scenario names (default: all)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Tests for how llm.py is installed: run with ``python -m unittest test_install``.
+"""Tests for how llm.py is installed: run with ``python -m unittest tests.test_install``.
 
 The file works under any module name (copied into a project as ``chatlib.py``,
 say), the distribution's metadata and console script are what the README says,
@@ -16,14 +16,16 @@ import tempfile
 import unittest
 import zipfile
 
-from test_cli import WAIT, environment, run
-from test_llm import LoopbackCase, answer, delta, free_port, message, sse
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+    sys.path.insert(0, ROOT)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from test_llm import LoopbackCase, answer, delta, free_port, message, sse
+from tests.test_cli import WAIT, environment, run
 
 
 def read(name):
-    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
         return f.read()
 
 
@@ -33,7 +35,7 @@ class VendoredTest(LoopbackCase):
     def setUp(self):
         self.directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.directory, True)
-        shutil.copy(os.path.join(HERE, "llm.py"), os.path.join(self.directory, "chatlib.py"))
+        shutil.copy(os.path.join(ROOT, "llm.py"), os.path.join(self.directory, "chatlib.py"))
 
     def test_a_copy_named_chatlib_answers_calls(self):
         server = self.serve(answer(message("whole")), sse(delta("str"), delta("eamed", "stop")))
@@ -104,7 +106,7 @@ class BuildTest(unittest.TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         code = "import sys, flit_core.buildapi as b; print(b.build_%s(sys.argv[1]))" % kind
-        output = subprocess.check_output([sys.executable, "-c", code, directory], cwd=HERE,
+        output = subprocess.check_output([sys.executable, "-c", code, directory], cwd=ROOT,
                                          stderr=subprocess.STDOUT, timeout=WAIT)
         return os.path.join(directory, output.decode().strip().splitlines()[-1])
 
@@ -128,7 +130,9 @@ class BuildTest(unittest.TestCase):
         with tarfile.open(self.build("sdist")) as sdist:
             names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
         for name in ("llm.py", "LICENSE", "README.md", "pyproject.toml", "test_llm.py",
-                     "test_install.py", "examples/json_reply.py", "examples/greeting.schema.json"):
+                     "tests/__init__.py", "tests/test_install.py", "tests/record.py",
+                     "tests/testdata/ca.pem", "tests/testdata/vllm/chat.bin",
+                     "examples/json_reply.py", "examples/greeting.schema.json"):
             self.assertIn(name, names)
 
 

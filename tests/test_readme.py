@@ -1,7 +1,7 @@
-"""The README's Python snippets run as written: ``python -m unittest test_readme``.
+"""The README's Python snippets run as written: ``python -m unittest tests.test_readme``.
 
 Each fenced ``python`` block of README.md runs in its own interpreter, from
-this folder (so ``import llm`` is this checkout's), with every URL in it
+the checkout's root (so ``import llm`` is this checkout's), with every URL in it
 pointed at a loopback server from test_llm that answers as a model would:
 streamed text, whole replies with log-probabilities and a request id, and
 one tool call when tools are offered.
@@ -12,15 +12,18 @@ import re
 import sys
 import unittest
 
-from test_cli import environment, run
-from test_llm import LoopbackCase, answer, delta, message, sse
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+    sys.path.insert(0, ROOT)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from test_llm import LoopbackCase, answer, delta, message, sse
+from tests.test_cli import environment, run
+
 URL = re.compile(r'"https?://[^"\s]+"')
 
 
 def snippets():
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         return re.findall(r"^```python\n(.*?)^```$", f.read(), re.M | re.S)
 
 
@@ -51,7 +54,7 @@ class ReadmeSnippetTest(LoopbackCase):
                 asked = len(server.requests)
                 code = URL.sub('"%s"' % server.url, code)
                 result = run([sys.executable, "-c", code],
-                             env=environment(GROQ_API_KEY="gsk-test"), cwd=HERE)
+                             env=environment(GROQ_API_KEY="gsk-test"), cwd=ROOT)
                 self.assertEqual((result.status, result.err), (0, ""), code)
                 self.assertGreater(len(server.requests), asked, "it asked no server")
                 self.assertNotIn("fail", result.out)
@@ -62,7 +65,7 @@ class ReadmeSnippetTest(LoopbackCase):
         outputs = {}
         for code in snippets():
             if "run_tool" in code or "logprobs" in code:
-                result = run([sys.executable, "-c", URL.sub('"%s"' % server.url, code)], cwd=HERE)
+                result = run([sys.executable, "-c", URL.sub('"%s"' % server.url, code)], cwd=ROOT)
                 outputs["tool" if "run_tool" in code else "speed"] = result.out
         self.assertEqual(outputs["tool"], "42\n")
         self.assertEqual(server.requests[1].json()["messages"][-1],
