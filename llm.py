@@ -81,6 +81,8 @@ _CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost befo
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
 _JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
+# what a delta may carry beside its text
+_ASIDES = frozenset(("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal"))
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
@@ -1863,6 +1865,21 @@ class _Assembler:
 
     def _take(self, delta: "Dict[str, Any]", whole: bool) -> "Optional[str]":
         """Keep what a choice's delta (or whole message) carries; return its text."""
+        if not _ASIDES.isdisjoint(delta):  # most deltas carry text alone
+            self._take_asides(delta, whole)
+        text = delta.get("content")
+        if text and not isinstance(text, str):
+            text = _text_of_parts(text)
+        if text:
+            self.content.append(text)
+            self.began = True
+            return text
+        if not self.began:
+            self.began = bool(self.reasoning or self.builders or self.refusal)
+        return None
+
+    def _take_asides(self, delta: "Dict[str, Any]", whole: bool) -> None:
+        """Keep a delta's reasoning (under either name), tool calls and refusal."""
         for field in ("reasoning_content", "reasoning"):
             thought = delta.get(field)
             if thought and isinstance(thought, str):
@@ -1876,16 +1893,6 @@ class _Assembler:
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             self.refusal.append(refusal)
-        text = delta.get("content")
-        if text and not isinstance(text, str):
-            text = _text_of_parts(text)
-        if text:
-            self.content.append(text)
-            self.began = True
-            return text
-        if not self.began:
-            self.began = bool(self.reasoning or self.builders or self.refusal)
-        return None
 
     def _add_tool_calls(self, fragments: "Any", whole: bool) -> None:
         """Assemble tool calls: streamed in pieces keyed by index, whole, or unindexed."""
