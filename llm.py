@@ -909,7 +909,7 @@ def _encode(body: "Dict[str, Any]") -> bytes:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
-# ---------------------------------------------------------------- the exchange: HTTP, deadline, cancel
+# ---------------------------------------------------------------- the exchange
 
 
 class _Failure(Exception):
