@@ -1081,6 +1081,7 @@ class _Guard:
             self.timer.start()
 
     def stop(self) -> None:
+        """The call is over: stop the timer, and no cancel() touches its socket again."""
         if self.timer is not None:
             self.timer.cancel()
         with self.client._lock:
