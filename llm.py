@@ -1770,24 +1770,26 @@ class _Assembler:
     in-band, whatever their shape, are errors.
     """
 
+    # where each reply starts (set on the instance as the reply comes)
+    followed = _ANY  # type: Any  # the index of the choice this reply keeps to
+    reasoning_field = "reasoning_content"
+    legacy_call = False  # the reply used the older function_call shape
+    unknown = None  # type: Any  # the first event that was no chunk: a failure, maybe
+    finish = None  # type: Any
+    usage = None  # type: Any
+    model = id = ""
+    logprobs = None  # type: Optional[List[Any]]
+    kept_logprobs = 0  # log-probability entries kept, top_logprobs included
+    began = False  # something came to keep: text, reasoning, a tool call, a refusal
+    done = False  # [DONE] or the whole reply came
+
     def __init__(self, max_bytes: int = _MAX_BYTES) -> None:
         self.max_bytes = max_bytes
-        self.followed = _ANY  # the index of the choice this reply keeps to
         self.content = []  # type: List[str]
         self.reasoning = []  # type: List[str]
-        self.reasoning_field = "reasoning_content"
         self.builders = []  # type: List[Dict[str, Any]]
         self.by_index = {}  # type: Dict[Any, Dict[str, Any]]  # the last builder of each index
-        self.legacy_call = False  # the reply used the older function_call shape
         self.refusal = []  # type: List[str]
-        self.unknown = None  # type: Any  # the first event that was no chunk: a failure, maybe
-        self.finish = None  # type: Any
-        self.usage = None  # type: Any
-        self.model = self.id = ""
-        self.logprobs = None  # type: Optional[List[Any]]
-        self.kept_logprobs = 0  # log-probability entries kept, top_logprobs included
-        self.began = False  # something came to keep: text, reasoning, a tool call, a refusal
-        self.done = False  # [DONE] or the whole reply came
 
     def event(self, kind: str, payload: "Any") -> "Optional[str]":
         """Take one event of a stream: a chunk, ``_DONE``, an error, or something else."""
@@ -2007,12 +2009,7 @@ def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
     """
     if not isinstance(usage, dict):
         return None
-    tokens = _counts(usage)
-    for key, value in _first_items(usage):
-        if isinstance(value, dict) and key not in tokens and len(key) <= 64:
-            counts = _counts(value)
-            if counts:
-                tokens[key] = counts
+    tokens = _counts(usage, nested=True)
     for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
         if ours not in tokens and theirs in tokens:
             tokens[ours] = tokens[theirs]
@@ -2022,19 +2019,25 @@ def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
     return tokens
 
 
-def _counts(value: "Dict[Any, Any]") -> "Dict[str, Any]":
-    """The numbers of a usage object, under names of a sensible length."""
-    return {key: number for key, number in _first_items(value)
-            if isinstance(number, (int, float)) and not isinstance(number, bool)
-            and isinstance(key, str) and len(key) <= 64}
+def _counts(value: "Dict[str, Any]", nested: bool = False) -> "Dict[str, Any]":
+    """The numbers in a parsed JSON object (and in the objects in it, when ``nested``),
+    under names of a sensible length, from its first ``_MAX_USAGE_KEYS`` fields."""
+    counts = {}  # type: Dict[str, Any]
+    items = value.items()  # type: Iterable[Tuple[str, Any]]
+    if len(value) > _MAX_USAGE_KEYS:
+        from itertools import islice  # loaded by collections already
 
-
-def _first_items(value: "Dict[Any, Any]") -> "Iterable[Tuple[Any, Any]]":
-    if len(value) <= _MAX_USAGE_KEYS:
-        return value.items()
-    from itertools import islice  # loaded by collections already
-
-    return islice(value.items(), _MAX_USAGE_KEYS)
+        items = islice(items, _MAX_USAGE_KEYS)
+    for key, number in items:
+        if len(key) > 64:
+            continue
+        if type(number) in (int, float):  # not bool: JSON's true is no count
+            counts[key] = number
+        elif nested and isinstance(number, dict):
+            inner = _counts(number)
+            if inner:
+                counts[key] = inner
+    return counts
 
 
 def _text_of_parts(content: "Any") -> str:
