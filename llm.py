@@ -1315,7 +1315,8 @@ class _Exchange:
         A cancel or the deadline ends the call here too, so that data that keeps
         coming (or is already buffered) cannot keep it busy past either.
         """
-        if self.guard.cancelled or self.guard.expired:
+        guard = self.guard
+        if guard.cancelled or guard.expired:
             self.broken = True
             raise _Failure("cancelled")
         try:
@@ -1836,9 +1837,15 @@ class _Assembler:
         usage = chunk.get("usage")
         if usage or "x_groq" in chunk:  # Groq puts it in x_groq
             self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage
-        choice = self._choice(chunk.get("choices"))
-        if choice is None:
+        choices = chunk.get("choices")
+        if not choices or not isinstance(choices, list):
             return None
+        choice = choices[0]
+        if len(choices) > 1 or not isinstance(choice, dict) \
+                or (choice.get("index") or 0) != self.followed:
+            choice = self._choice(choices)  # not the usual one choice we follow
+            if choice is None:
+                return None
         finish = choice.get("finish_reason")
         if finish and isinstance(finish, str):
             self.finish = finish
@@ -1849,15 +1856,9 @@ class _Assembler:
         delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
         return self._take(delta, whole=key == "message") if isinstance(delta, dict) else None
 
-    def _choice(self, choices: "Any") -> "Optional[Dict[str, Any]]":
+    def _choice(self, choices: "List[Any]") -> "Optional[Dict[str, Any]]":
         """The choice with the index this reply keeps to: the first one seen."""
-        if not choices or not isinstance(choices, list):
-            return None
-        choice = choices[0]
-        if len(choices) == 1 and isinstance(choice, dict) \
-                and (choice.get("index") or 0) == self.followed:
-            return choice  # the usual case
-        for choice in choices:  # n > 1: keep to one choice
+        for choice in choices:
             if isinstance(choice, dict):
                 index = choice.get("index") or 0  # no index: the first choice
                 if self.followed is _ANY:
