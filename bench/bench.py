@@ -619,6 +619,9 @@ def _arguments(argv):
     parser.add_argument("--out", help="where the JSON figures go (default: bench/results.json, "
                                       "or bench/results-quick.json with --quick)")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the turn order")
+    parser.add_argument("--bytecodes", action="store_true",
+                        help="instead of benchmarking, count the Python bytecode each client "
+                             "runs per non-stream call and per streamed event: no noise")
     parser.add_argument("--profile", metavar="MEASURE",
                         help="instead of benchmarking, print a cProfile of the llm.py worker "
                              "running MEASURE (nonstream, stream, tick, threads)")
@@ -680,6 +683,23 @@ def _profile(measure, columns, settings):
     print(column.ask("profile", measure=measure, **command[measure])["report"])
 
 
+def _bytecodes(columns):
+    """Print each client's bytecode count per call and per event, and the files that run most."""
+    print("## Python bytecode instructions run (traced; Python %s)\n" % sys.version.split()[0])
+    print("| client | per non-stream call | the most, by file | per streamed event "
+          "| the most, by file |\n|---|---:|---|---:|---|")
+    for column in columns:
+        if column.kind == "wire":
+            continue
+        counts = column.ask("bytecodes", calls=20, events=1000)
+        cells = []
+        for measure in ("nonstream", "stream"):
+            files = sorted(counts[measure].items(), key=lambda item: -item[1])
+            cells.append("%.0f | %s" % (sum(counts[measure].values()), ", ".join(
+                "%s %.0f" % item for item in files[:3])))
+        print("| %s | %s |" % (column.label, " | ".join(cells)))
+
+
 def _measure(arguments, settings, measures, llm_files, copies, server, columns, skipped):
     """Run the measures; the results as bench/results.json holds them."""
     run = Run(columns, settings, arguments.seed, server.base)
@@ -732,6 +752,8 @@ def main(argv=None):
     if unknown or (arguments.profile and arguments.profile not in MEASURES[1:4] + ("threads",)):
         raise SystemExit("unknown measure: %s (known: %s)" % (
             ", ".join(unknown) or arguments.profile, ", ".join(MEASURES)))
+    if arguments.bytecodes and sys.version_info < (3, 7):
+        raise SystemExit("--bytecodes needs Python 3.7 or later (frame.f_trace_opcodes)")
     out_path = arguments.out or os.path.join(
         HERE, "results-quick.json" if arguments.quick else "results.json")
     llm_files = _llm_files(arguments)
@@ -745,6 +767,10 @@ def main(argv=None):
         skipped = []
         if arguments.profile:
             arguments.no_peers = True
+        if arguments.bytecodes:
+            columns = _columns(arguments, server.base, skipped, measured)
+            _bytecodes(columns)
+            return 0
         columns = _columns(arguments, server.base, skipped, measured)
         if arguments.profile:
             _profile(arguments.profile, columns, settings)
