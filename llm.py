@@ -1082,8 +1082,9 @@ class _Guard:
 
     def stop(self) -> None:
         """The call is over: stop the timer, and no cancel() touches its socket again."""
-        if self.timer is not None:
-            self.timer.cancel()
+        timer, self.timer = self.timer, None  # it holds this guard: no cycle is left behind
+        if timer is not None:
+            timer.cancel()
         with self.client._lock:
             self.client._active.discard(self)
             self.sock = None
@@ -1134,6 +1135,19 @@ class _Guard:
             self.wake = threading.Event()
         if self.cancelled or self.wake.wait(delay):
             raise _Failure("cancelled")
+
+    def connect(self, connection: "http.client.HTTPConnection") -> None:
+        """``connection.connect()``, its socket and TLS handshake shown to cancel() meanwhile."""
+        context = getattr(connection, "_context", None)  # an HTTPSConnection's
+        connection._create_connection = self.open  # type: ignore[attr-defined]
+        if context is not None:
+            connection._context = _Handshake(context, self)  # type: ignore[attr-defined]
+        try:
+            connection.connect()
+        finally:  # hold no call: a client dropped is freed, and its sockets closed, at once
+            connection._create_connection = socket.create_connection  # type: ignore[attr-defined]
+            if context is not None:
+                connection._context = context  # type: ignore[attr-defined]
 
     def open(self, address: "Tuple[str, int]", timeout: "Any" = None,
              source_address: "Any" = None) -> socket.socket:
@@ -1242,12 +1256,9 @@ class _Exchange:
         if guard.deadline_at:
             timeout = min(timeout, guard.remaining())
         connection.timeout = timeout
-        connection._create_connection = guard.open  # type: ignore[attr-defined]
-        if client._scheme == "https":  # (without ssl, http.client has no HTTPSConnection)
-            connection._context = _Handshake(_tls_context(client), guard)  # type: ignore[attr-defined]
         where = _peer(client)
         try:
-            connection.connect()
+            guard.connect(connection)
         except socket.gaierror as exc:
             raise _Failure("cannot resolve host %s (%s)" % (
                 (client._proxy or (client._host,))[0], exc.strerror or exc))

@@ -2403,6 +2403,42 @@ class CancelWhileConnectingTest(LoopbackCase):
 # ---------------------------------------------------------------- what else the server said
 
 
+class DroppedClientTest(LoopbackCase):
+    @unittest.skipUnless(sys.implementation.name == "cpython",
+                         "only CPython frees an object as soon as it is dropped")
+    def test_a_client_dropped_without_close_closes_its_connection_at_once(self):
+        import gc
+        import warnings
+        import weakref
+
+        cases = [(tls, stream, deadline) for tls in (False, True) for stream in (False, True)
+                 for deadline in (None, 30)]
+        for tls, stream, deadline in cases:
+            with self.subTest(tls=tls, stream=stream, deadline=deadline):
+                server = self.serve(sse(delta("hi", "stop")) if stream else answer(message("hi")),
+                                    tls=tls)
+                client = llm.Client(server.url, model="m", api_key="", timeout=5,
+                                    deadline=deadline, ca_file=CA_FILE if tls else None)
+                reply = client.chat_stream(HI, Writes()) if stream else client.chat(HI)
+                self.assertEqual(reply.content, "hi")
+                for timer in threading.enumerate():  # a cancelled deadline's thread ends soon
+                    if isinstance(timer, threading.Timer):
+                        timer.join(5)
+                freed = weakref.ref(client)
+                gc.disable()  # no cycle collector: freed by reference counting, or not at all
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        del client
+                finally:
+                    gc.enable()
+                self.assertIsNone(freed())  # no call's guard kept in a reference cycle
+                self.assertEqual([str(w.message) for w in caught
+                                  if issubclass(w.category, ResourceWarning)], [])
+                self.assertEqual(server.connections, 1)
+
+
+
 def choice_chunk(content, logprobs, finish=None):
     """A stream chunk whose choice carries log-probabilities next to its delta."""
     return {"id": "chatcmpl-1", "model": "m", "object": "chat.completion.chunk",
