@@ -987,6 +987,7 @@ class _Call:
 
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
         exchange, assembler, on_reasoning = self.exchange, self.assembler, self.on_reasoning
+        reasoning = assembler.reasoning
         max_bytes = budget = self.client._max_bytes
         decoder = _SSEDecoder(max_bytes)
         event = assembler.event
@@ -1000,7 +1001,7 @@ class _Call:
                 text = event(kind, payload)
                 if waiting and assembler.began:
                     waiting, self.first_token = False, time.monotonic() - self.started
-                if on_reasoning is not None:
+                if on_reasoning is not None and len(reasoning) > self.shown:
                     self._show_reasoning()
                 if text:
                     yield text
