@@ -1012,7 +1012,8 @@ class _Call:
             if not data:
                 break
             data = exchange.read(answer)
-        self.guard.check()
+        if self.guard.cancelled:  # the deadline's own end is told apart by run()
+            raise _Failure("cancelled")
         assembler.ended(budget < max_bytes)
 
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
@@ -1280,7 +1281,8 @@ class _Exchange:
         sock = connection.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(client._read_timeout)
-        guard.check()
+        if guard.cancelled:
+            raise _Failure("cancelled")
 
     def _pause(self, attempt: int, retry_after: "Optional[float]", why: str = "") -> None:
         """Sleep before a retry: exponential backoff with jitter, or Retry-After."""

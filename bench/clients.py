@@ -468,15 +468,15 @@ def _bytecodes(adapter, command):
         return tracer
 
     calls, events = command["calls"], command["events"]
-    work = {"nonstream": (calls, lambda: adapter.chat("json", MESSAGES)),
-            "stream": (events, lambda: adapter.stream("sse-%d" % events, MESSAGES, Sink()))}
+    work = {"nonstream": (calls, calls, lambda: adapter.chat("json", MESSAGES)),
+            "stream": (events, 1, lambda: adapter.stream("sse-%d" % events, MESSAGES, Sink()))}
     answer = {}
-    for measure, (per, operation) in work.items():
+    for measure, (per, repeats, operation) in work.items():
         operation()  # warm: connected, and every lazy import done
         counts.clear()
         sys.settrace(tracer)
         try:
-            for _ in range(calls if measure == "nonstream" else 1):
+            for _ in range(repeats):
                 operation()
         finally:
             sys.settrace(None)
