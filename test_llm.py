@@ -114,7 +114,78 @@ class Request:
         return json.loads(self.body.decode())
 
 
-class Server:
+class Listening:
+    """A listener on a loopback port; ``serve(sock, number)`` serves each connection in a thread.
+
+    close() ends them all: it shuts down every socket, since closing a socket
+    wakes no thread blocked on it (a listener closed that way even goes on
+    accepting), and waits for every thread, so that a test leaves nothing running.
+    """
+
+    def __init__(self):
+        self.ended = threading.Event()
+        self.lock = threading.Lock()
+        self.sockets, self.threads = [], []
+        self.connections = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.start(self._accept)
+
+    def start(self, target, *args):
+        """Run target(*args) in a thread that close() waits for."""
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        with self.lock:
+            self.threads.append(thread)
+        thread.start()
+
+    def keep(self, sock):
+        """Have close() shut sock down; once close() has begun, close it and say False."""
+        with self.lock:
+            if not self.ended.is_set():
+                self.sockets.append(sock)
+                return True
+        sock.close()
+        return False
+
+    def close(self):
+        with self.lock:
+            self.ended.set()
+            sockets = [self.listener] + self.sockets
+        for sock in sockets:
+            shut(sock)
+        index = 0
+        while index < len(self.threads):  # a thread may start another until it ends
+            self.threads[index].join(10)
+            if self.threads[index].is_alive():
+                raise AssertionError("a loopback server's thread did not end: %r" % self.threads[index])
+            index += 1
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.keep(sock):
+                return
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+            self.start(self.serve, sock, number)
+
+
+def shut(sock):
+    """Shut sock down, waking any thread blocked on it, and close it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Server(Listening):
     """A loopback HTTP server that answers each request with the steps of an answer.
 
     Answers are used in order and the last one repeats. An answer is a list of
@@ -126,48 +197,21 @@ class Server:
     def __init__(self, *answers, tls=False):
         self.answers = list(answers)
         self.requests = []
-        self.connections = 0
-        self.ended = threading.Event()
-        self.lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
         self.context = None
         if tls:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.context.load_cert_chain(SERVER_PEM)
+        Listening.__init__(self)
         self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
-        self.sockets = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def close(self):
-        self.ended.set()
-        self.listener.close()
-        for sock in self.sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    def _accept(self):
-        while not self.ended.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-                number = self.connections
-            self.sockets.append(sock)
-            threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
-
-    def _serve(self, sock, number):
+    def serve(self, sock, number):
         reader = None
         try:
             sock.settimeout(10)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_side=True)
+                if not self.keep(sock):  # the wrapped socket is the one to shut down now
+                    return
             reader = sock.makefile("rb")
             while self._answer(sock, reader, number):
                 pass
@@ -228,7 +272,7 @@ class LoopbackCase(unittest.TestCase):
     def listener(self, backlog):
         """A socket listening on a loopback port, closed when the test ends; nothing accepts."""
         listener = socket.socket()
-        self.addCleanup(listener.close)
+        self.addCleanup(shut, listener)
         listener.bind(("127.0.0.1", 0))
         listener.listen(backlog)
         return listener
@@ -1397,33 +1441,21 @@ class RetryTest(LoopbackCase):
 # ---------------------------------------------------------------- TLS and proxies
 
 
-class Proxy:
+class Proxy(Listening):
     """A loopback proxy: CONNECT tunnels and absolute-URL forwarding, all to one port."""
 
     def __init__(self, target_port):
         self.target_port, self.seen = target_port, []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        Listening.__init__(self)
+        self.url = "http://127.0.0.1:%d" % self.port
 
-    def close(self):
-        self.listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock):
+    def serve(self, sock, number):
         sock.settimeout(10)
         upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
         reader = None
         try:
+            if not self.keep(upstream):
+                return
             reader = sock.makefile("rb")
             lines = [reader.readline()]
             while lines[-1] not in (b"\r\n", b""):
@@ -1434,7 +1466,7 @@ class Proxy:
             else:
                 length = [int(l.split(b":")[1]) for l in lines if l.lower().startswith(b"content-length")]
                 upstream.sendall(b"".join(lines) + reader.read(length[0] if length else 0))
-            threading.Thread(target=pipe, args=(upstream, sock), daemon=True).start()
+            self.start(pipe, upstream, sock)
             pipe(sock, upstream)
         except OSError:
             pass
@@ -2363,7 +2395,13 @@ class CancelWhileConnectingTest(LoopbackCase):
         """An https URL whose server accepts the connection and never says a word."""
         listener = self.listener(4)
         accepted = []
-        thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+
+        def accept():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # the test ended first
+                pass
+        thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         self.addCleanup(lambda: [sock.close() for sock in accepted])
         return "https://127.0.0.1:%d" % listener.getsockname()[1]
