@@ -78,6 +78,7 @@ _MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is 
 _MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refused
 _VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
 _CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost before parsing
+_MAX_DEPTH = 256  # JSON nested deeper than this is refused (its parsing nears the recursion limit)
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
 _JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
@@ -1712,18 +1713,21 @@ def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
 
 
 class _Costly(ValueError):
-    """JSON whose objects would cost too much memory to parse."""
+    """JSON too costly to parse: too many objects for memory, or nested too deep."""
 
 
 def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
     """``json.loads(text)``, quicker for plain objects and safe from huge integers.
 
-    Long text is parsed only when its objects fit in memory: ``_Costly`` else.
+    Long text is parsed only when its objects fit in memory, and any text only
+    when nested at most ``_MAX_DEPTH`` deep: ``_Costly`` else.
     """
-    if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
+    if len(text) > 2 * _MAX_DEPTH:  # room for nesting deeper than that
         if len(text) > _CHECKED_SIZE:
             _check_cost(text, budget)
-        return json.loads(text, parse_int=_int)
+        _check_depth(text)
+        if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
+            return json.loads(text, parse_int=_int)
     try:
         value, end = _raw_decode(text)  # no whitespace scans around it, as json.loads has
         if end == len(text):
@@ -1760,6 +1764,36 @@ def _check_cost(text: "Union[str, bytes]", budget: int) -> None:
     if values > allowed:
         raise _Costly("the reply is JSON of more than %d values in %d bytes: too many to parse"
                       " within max_bytes (%d bytes)" % (allowed, len(text), budget))
+
+
+def _check_depth(text: str) -> None:
+    """Refuse JSON nested more than ``_MAX_DEPTH`` deep; brackets in strings do not count.
+
+    The decoder recurses once per level. Near Python's recursion limit, CPython
+    3.6 to 3.8 aborts the whole process when anything runs Python code there (a
+    gc callback, a finalizer) instead of raising RecursionError. The work is
+    linear: a few passes in C over the text, then over the brackets of levels
+    below the first 32, where ordinary JSON has none.
+    """
+    if text.count("[") + text.count("{") <= _MAX_DEPTH:
+        return
+    from itertools import accumulate
+
+    marks = text.encode("utf-8", "surrogatepass")
+    if b"\\" in marks:  # escaped backslashes and quotes mark nothing
+        marks = marks.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # only the quotes and brackets, every opening bracket a "[" and every closing one a "]"
+    marks = marks.translate(bytes.maketrans(b"{}", b"[]"), bytes(range(256)).translate(None, b'"[]{}'))
+    brackets = b"".join(marks.replace(b'""', b"").split(b'"')[::2])  # those outside strings
+    depth = 0
+    while brackets and depth < 32:  # each round takes the innermost level away
+        inner = brackets.replace(b"[]", b"")
+        if len(inner) == len(brackets):
+            break
+        brackets, depth = inner, depth + 1
+    # what is left: deeper levels, or "]]][[[" when not JSON
+    if depth + max(accumulate(map((92).__sub__, brackets)), default=0) > _MAX_DEPTH:  # "[" is 91
+        raise _Costly("the reply is JSON nested more than %d deep: too deep to parse" % _MAX_DEPTH)
 
 
 def _int(digits: str) -> "Any":
@@ -2087,7 +2121,7 @@ def _server_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     if text[:1] in ("{", "[", '"'):
         try:
-            message = _message_of(json.loads(text))
+            message = _message_of(_json(text))
         except (ValueError, RecursionError):
             message = ""
         if message:
@@ -2350,7 +2384,7 @@ def _option_values(pairs: "List[List[str]]") -> "Dict[str, Any]":
     for name, value in pairs:
         value = _typed(value)
         try:
-            params[_typed(name)] = json.loads(value)
+            params[_typed(name)] = _json(value)
         except (ValueError, RecursionError):
             params[_typed(name)] = value
     return params

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -1355,6 +1356,101 @@ class BoundedWorkTest(HostileCase):
             response = self.client(self.serve(steps)).chat_stream(HI, Writes())
             self.assertEqual(response.usage, {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
                                               "completion_tokens_details": {"reasoning_tokens": 1}})
+
+
+def nested(depth, inner=b"0"):
+    """JSON text that nests arrays and objects ``depth`` deep around inner."""
+    return b'[{"a":' * (depth // 2) + b"[" * (depth % 2) + inner + b"]" * (depth % 2) + b"}]" * (depth // 2)
+
+
+DEEP_CHILD = r"""
+import gc, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import llm
+
+def callback(phase, info):  # Python code at every collection, as profilers and hypothesis run
+    def deeper(n):
+        return deeper(n - 1) if n else n
+    deeper(5)
+
+gc.callbacks.append(callback)
+gc.set_threshold(1)
+client = llm.Client(sys.argv[2], model="m", api_key="")
+hi = [{"role": "user", "content": "Hi"}]
+seen = [client.chat(hi).error, client.chat_stream(hi, io.StringIO()).error, client.models().error,
+        client.chat(hi).error, client.chat(hi).tool_calls[0].args]
+client.close()
+print(json.dumps(seen))
+"""
+
+
+# found: JSON nested 50,000 deep ran the decoder into Python's recursion limit; with a
+# gc callback installed (profilers and hypothesis install one), CPython 3.6 to 3.8
+# aborted the whole process: "Fatal Python error: Cannot recover from stack overflow"
+class DeepNestingTest(HostileCase):
+    """JSON nested more than llm._MAX_DEPTH deep is refused before it is parsed, wherever it comes."""
+
+    TOO_DEEP = "the reply is JSON nested more than %d deep: too deep to parse" % llm._MAX_DEPTH
+    DEEP = nested(50000)
+
+    def whole(self, junk, **fields):
+        body = json.dumps(message(**fields)).encode()[:-1] + b', "junk": ' + junk + b"}"
+        return [head(200, "application/json", chunked=False, length=len(body)) + body]
+
+    def test_a_whole_reply_a_stream_and_the_model_list(self):
+        stream = raw_sse(event(delta("a")) + b'data: {"choices": [], "junk": ' + self.DEEP + b"}\n\n")
+        models = b'{"data": [{"id": "m"}], "junk": ' + self.DEEP + b"}"
+        server = self.serve(self.whole(self.DEEP, content="hi"), stream,
+                            [head(200, "application/json", chunked=False, length=len(models)) + models])
+        client = self.client(server)
+        reply = client.chat(HI)
+        self.assertEqual((reply.content, reply.error), ("", self.TOO_DEEP))
+        writes = []
+        reply = client.chat_stream(HI, Writes(writes))
+        self.assertEqual((reply.content, writes, reply.error), ("a", ["a"], self.TOO_DEEP))
+        self.assertEqual(client.models().error, self.TOO_DEEP)
+
+    def test_as_deep_as_the_limit_is_read_one_deeper_is_not(self):
+        client = self.client(self.serve(self.whole(nested(llm._MAX_DEPTH - 1), content="hi"),
+                                        self.whole(nested(llm._MAX_DEPTH), content="hi")))
+        self.assertEqual(client.chat(HI).content, "hi")  # the reply's own object is one level
+        self.assertEqual(client.chat(HI).error, self.TOO_DEEP)
+
+    def test_brackets_in_strings_do_not_nest(self):
+        text = "[{" * 50000 + " Commas, colons: [brackets] and {braces}"
+        client = self.client(self.serve(answer(message(text)), sse(delta(text, "stop"))))
+        self.assertEqual(client.chat(HI).content, text)
+        self.assertEqual(client.chat_stream(HI, Writes()).content, text)
+        self.assertEqual(llm._json(json.dumps(text)), text)  # no bracket outside the string at all
+
+    def test_deep_tool_arguments_and_error_bodies(self):
+        client = self.client(self.serve(*self.tool_call_and_error()))
+        reply = client.chat(HI)
+        self.assertEqual((reply.error, reply.tool_calls[0].arguments, reply.tool_calls[0].args),
+                         ("", self.DEEP.decode(), None))  # kept as text, as arguments that are no JSON are
+        reply = client.chat(HI)
+        self.assertEqual((reply.status, reply.error), (500, 'HTTP 500: {"error": {"message":'))
+
+    def tool_call_and_error(self):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": self.DEEP.decode()}}
+        error = b'{"error": {"message": ' + self.DEEP + b"}}"
+        return (answer(message(None, "tool_calls", tool_calls=[call])),
+                [head(500, "application/json", chunked=False, length=len(error)) + error])
+
+    def test_a_process_with_a_gc_callback_lives_through_it(self):
+        if not hasattr(gc, "callbacks"):
+            self.skipTest("%s has no gc.callbacks" % sys.implementation.name)
+        models = b'{"data": [], "junk": ' + self.DEEP + b"}"
+        call, error = self.tool_call_and_error()
+        server = self.serve(self.whole(self.DEEP, content="hi"),
+                            raw_sse(b'data: {"choices": [], "junk": ' + self.DEEP + b"}\n\n"),
+                            [head(200, "application/json", chunked=False, length=len(models)) + models],
+                            error, call)
+        child = subprocess.run([sys.executable, "-c", DEEP_CHILD, ROOT, server.url], timeout=120,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(child.returncode, 0, child.stderr.decode("utf-8", "replace")[-2000:])
+        self.assertEqual(json.loads(child.stdout.decode()),
+                         [self.TOO_DEEP] * 3 + ['HTTP 500: {"error": {"message":', None])
 
 
 # ---------------------------------------------------------------- properties (hypothesis)
