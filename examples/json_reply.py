@@ -34,10 +34,10 @@ FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
 def parse(text):
-    """The JSON value in text; raises ValueError (with json's message) when there is none."""
+    """The JSON value in text; raises json's ValueError (or RecursionError) when there is none."""
     try:
         return json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         first_error = error
     candidates = FENCED.findall(text)
     for opening, closing in (("{", "}"), ("[", "]")):
@@ -47,7 +47,7 @@ def parse(text):
     for candidate in candidates:
         try:
             value = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         print("note: the JSON came wrapped in other text; it was taken out", file=sys.stderr)
         return value
@@ -97,7 +97,7 @@ def main():
             return 1
         try:
             value = parse(reply.content)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             print("attempt %d: the reply is not JSON (%s):\n    %r"
                   % (attempt, error, reply.content), file=sys.stderr)
             messages += [reply.to_message(), {"role": "user", "content":

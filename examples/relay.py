@@ -213,7 +213,7 @@ class Relay(BaseHTTPRequestHandler):
             if not 0 < length <= MAX_BODY:
                 return None
             messages = json.loads(self.rfile.read(length).decode("utf-8")).get("messages")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: nested too deep
             return None
         if not isinstance(messages, list) or not messages:
             return None

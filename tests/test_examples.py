@@ -247,6 +247,13 @@ class JSONReplyTest(ExampleCase):
         self.assertEqual(retry[-2], {"role": "assistant", "content": "Sure! Red and blue."})
         self.assertTrue(retry[-1]["content"].startswith("That was not valid JSON"))
 
+    def test_json_nested_deeper_than_python_recurses_is_not_json(self):
+        deep = "[" * 100000 + "]" * 100000
+        server = self.serve(answer(message(deep)), answer(message('["red", "blue"]')))
+        result = self.ask(server)
+        self.assertEqual((result.status, json.loads(result.out)), (0, ["red", "blue"]))
+        self.assertIn("attempt 1: the reply is not JSON (maximum recursion depth exceeded", result.err)
+
     def test_never_json_is_status_1(self):
         server = self.serve(answer(message("I cannot do JSON.")))
         result = self.ask(server, "--attempts", "3")
@@ -416,8 +423,9 @@ class RelayTest(ExampleCase):
     def test_bad_requests_are_refused(self):
         port = self.start_relay(self.serve(sse(delta("x", "stop"))))
         for raw in (b"not json", b'{"messages": []}', b'{"messages": [{"role": "robot", "content": "x"}]}',
-                    b'{"messages": [{"role": "user", "content": 5}]}', b"[]"):
-            with self.subTest(raw=raw):
+                    b'{"messages": [{"role": "user", "content": 5}]}', b"[]",
+                    b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"):  # deeper than Python recurses
+            with self.subTest(raw=raw[:60]):
                 self.assertEqual(self.post(port, None, raw=raw).status, 400)
 
     def raw(self, port, request):
