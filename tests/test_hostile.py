@@ -537,15 +537,15 @@ class HostileServerTest(HostileCase):
     # in its length (a 64 MiB line: about 40 s of CPU before max_bytes stops it)
     # and holds two to three copies of itself.
     def test_a_single_huge_line_costs_linear_time(self):
-        decoder = llm._SSEDecoder()
-        decoder.feed(b"data: ")
-        piece = b"x" * 65536
-        started = time.monotonic()
-        for _ in range(256):  # 16 MiB
-            decoder.feed(piece)
-            if time.monotonic() - started > 1:
-                break
-        self.assertLess(time.monotonic() - started, 0.5)
+        def feed(pieces):
+            decoder = llm._SSEDecoder()
+            decoder.feed(b"data: ")
+            piece, stop = b"x" * 65536, time.process_time() + 2  # see assert_linear
+            for _ in range(pieces):
+                decoder.feed(piece)
+                if time.process_time() > stop:
+                    break
+        assert_linear(self, feed, 64, 256)  # 4 MiB, 16 MiB
 
     # found: every data line that ends in } or ] makes the decoder join and
     # parse all the data lines of the event so far: an event of many short data
@@ -553,14 +553,14 @@ class HostileServerTest(HostileCase):
     # lines, 1.4 MB, take about five minutes), and neither timeout nor deadline
     # can stop it within a read.
     def test_many_data_lines_in_one_event_cost_linear_time(self):
-        decoder = llm._SSEDecoder()
-        lines = b"data:]\n" * 1000
-        started = time.monotonic()
-        for _ in range(60):  # 60,000 lines
-            decoder.feed(lines)
-            if time.monotonic() - started > 1:
-                break
-        self.assertLess(time.monotonic() - started, 0.5)
+        def feed(thousands):
+            decoder = llm._SSEDecoder()
+            lines, stop = b"data:]\n" * 1000, time.process_time() + 2  # see assert_linear
+            for _ in range(thousands):
+                decoder.feed(lines)
+                if time.process_time() > stop:
+                    break
+        assert_linear(self, feed, 15, 60)  # 15,000 lines, 60,000
 
     def test_redirects_to_another_host_are_not_followed_and_the_key_stays_home(self):
         other = self.serve(answer(message("from the other host")))
@@ -916,16 +916,16 @@ class EdgeTest(HostileCase):
     # the event with its content; on Pythons without that limit (3.6 to 3.10) it
     # costs time quadratic in its length (600,000 digits: 1.5 s; 30 MB: hours).
     def test_huge_integers_keep_the_content_and_cost_little(self):
-        digits = b"9" * 600000
-        body = (b'{"choices": [{"message": {"role": "assistant", "content": "kept"}, "finish_reason": "stop"}],'
-                b' "usage": {"total_tokens": ' + digits + b'}}')
-        server = self.serve([head(content_type="application/json", chunked=False, length=len(body)) + body])
-        started = time.monotonic()
-        response = self.client(server).chat(HI)
-        self.assertLess(time.monotonic() - started, 0.5)
-        self.assertEqual((response.content, response.error), ("kept", ""))
+        def reply(digits):
+            body = (b'{"choices": [{"message": {"role": "assistant", "content": "kept"}, "finish_reason": "stop"}],'
+                    b' "usage": {"total_tokens": ' + b"9" * digits + b'}}')
+            return [head(content_type="application/json", chunked=False, length=len(body)) + body]
+        client = self.client(self.serve(reply(150000), reply(150000), reply(150000), reply(600000)))
+        responses = []
+        assert_linear(self, lambda digits: responses.append(client.chat(HI)), 150000, 600000)
+        self.assertEqual({(r.content, r.error) for r in responses}, {("kept", "")})
         event_body = (b'data: {"choices": [{"delta": {"content": "kept"}}], "usage": {"total_tokens": '
-                      + digits + b'}}\n\n')
+                      + b"9" * 600000 + b'}}\n\n')
         server = self.serve(sse(chunk(event_body), delta("", "stop")))
         self.assertEqual(self.client(server).chat_stream(HI, Writes()).content, "kept")
 
@@ -1213,6 +1213,17 @@ def cpu_seconds(function):
         function()
         times.append(time.process_time() - started)
     return min(times)
+
+
+def assert_linear(test, work, small, large):
+    """Fail unless work(large) costs less than 8 times the CPU of work(small): large is 4
+    times small, so linear work costs about 4 times, and quadratic work 16. Work that
+    may not end stops itself after 2 s of CPU, and that fails too."""
+    small_cpu = cpu_seconds(lambda: work(small))
+    large_cpu = cpu_seconds(lambda: work(large))
+    figures = "%s: %.4fs of CPU, %s: %.4fs" % (small, small_cpu, large, large_cpu)
+    test.assertLess(large_cpu, 2, figures)
+    test.assertLess(large_cpu / max(small_cpu, 1e-3), 8, figures)
 
 
 def tool_call_stream(calls, fragments):
