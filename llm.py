@@ -79,6 +79,7 @@ _MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refu
 _VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
 _CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost before parsing
 _MAX_DEPTH = 256  # JSON nested deeper than this is refused (its parsing nears the recursion limit)
+_SHALLOW_SIZE = 2 * _MAX_DEPTH  # JSON text no longer than this cannot nest deeper
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
 _JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
@@ -1722,7 +1723,7 @@ def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
     Long text is parsed only when its objects fit in memory, and any text only
     when nested at most ``_MAX_DEPTH`` deep: ``_Costly`` else.
     """
-    if len(text) > 2 * _MAX_DEPTH:  # room for nesting deeper than that
+    if len(text) > _SHALLOW_SIZE:  # room for nesting too deep
         if len(text) > _CHECKED_SIZE:
             _check_cost(text, budget)
         _check_depth(text)
