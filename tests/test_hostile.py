@@ -1404,15 +1404,20 @@ class DeepNestingTest(HostileCase):
     TOO_DEEP = "the reply is JSON nested more than %d deep: too deep to parse" % llm._MAX_DEPTH
     DEEP = nested(50000)
 
+    @staticmethod
+    def json_answer(body, status=200):
+        """An answer of JSON text as it is (answer() would write it out from an object)."""
+        return [head(status, "application/json", chunked=False, length=len(body)) + body]
+
     def whole(self, junk, **fields):
-        body = json.dumps(message(**fields)).encode()[:-1] + b', "junk": ' + junk + b"}"
-        return [head(200, "application/json", chunked=False, length=len(body)) + body]
+        return self.json_answer(json.dumps(message(**fields)).encode()[:-1] + b', "junk": ' + junk + b"}")
+
+    def models(self):
+        return self.json_answer(b'{"data": [{"id": "m"}], "junk": ' + self.DEEP + b"}")
 
     def test_a_whole_reply_a_stream_and_the_model_list(self):
         stream = raw_sse(event(delta("a")) + b'data: {"choices": [], "junk": ' + self.DEEP + b"}\n\n")
-        models = b'{"data": [{"id": "m"}], "junk": ' + self.DEEP + b"}"
-        server = self.serve(self.whole(self.DEEP, content="hi"), stream,
-                            [head(200, "application/json", chunked=False, length=len(models)) + models])
+        server = self.serve(self.whole(self.DEEP, content="hi"), stream, self.models())
         client = self.client(server)
         reply = client.chat(HI)
         self.assertEqual((reply.content, reply.error), ("", self.TOO_DEEP))
@@ -1444,19 +1449,16 @@ class DeepNestingTest(HostileCase):
 
     def tool_call_and_error(self):
         call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": self.DEEP.decode()}}
-        error = b'{"error": {"message": ' + self.DEEP + b"}}"
         return (answer(message(None, "tool_calls", tool_calls=[call])),
-                [head(500, "application/json", chunked=False, length=len(error)) + error])
+                self.json_answer(b'{"error": {"message": ' + self.DEEP + b"}}", 500))
 
     def test_a_process_with_a_gc_callback_lives_through_it(self):
         if not hasattr(gc, "callbacks"):
             self.skipTest("%s has no gc.callbacks" % sys.implementation.name)
-        models = b'{"data": [], "junk": ' + self.DEEP + b"}"
         call, error = self.tool_call_and_error()
         server = self.serve(self.whole(self.DEEP, content="hi"),
                             raw_sse(b'data: {"choices": [], "junk": ' + self.DEEP + b"}\n\n"),
-                            [head(200, "application/json", chunked=False, length=len(models)) + models],
-                            error, call)
+                            self.models(), error, call)
         child = subprocess.run([sys.executable, "-c", DEEP_CHILD, ROOT, server.url], timeout=120,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.assertEqual(child.returncode, 0, child.stderr.decode("utf-8", "replace")[-2000:])
