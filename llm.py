@@ -291,7 +291,10 @@ class Stream:
         return self._call.response()
 
     def close(self) -> None:
-        """End the stream now, from any thread; the response keeps what came, as cancelled."""
+        """End the stream now, from any thread; the response keeps what came, as cancelled.
+
+        A stream that has already ended (whole, or failed) keeps its outcome.
+        """
         with self._call.client._lock:
             self._call.guard.cancel()
         try:
@@ -1067,6 +1070,7 @@ class _Guard:
         self.client = client
         self.pid = os.getpid()
         self.cancelled = False
+        self.stopped = False  # the call is over: its outcome stands, whatever cancel() comes
         self.expired = False  # the deadline passed
         self.sock = None  # type: Any
         self.wake = None  # type: Optional[threading.Event]
@@ -1092,11 +1096,17 @@ class _Guard:
         with self.client._lock:
             self.client._active.discard(self)
             self.sock = None
+            self.stopped = True
 
     def cancel(self) -> None:
-        """Mark the call cancelled and wake it (called under the client's lock)."""
-        self.cancelled = True
-        self._wake_up()
+        """Mark the call cancelled and wake it (called under the client's lock).
+
+        A call that is over keeps its outcome: closing a stream that has ended
+        (whole, or failed) changes nothing.
+        """
+        if not self.stopped:
+            self.cancelled = True
+            self._wake_up()
 
     def _expire(self) -> None:
         """The deadline passed: end the call as cancel() would (from the timer's thread)."""

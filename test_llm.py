@@ -2026,6 +2026,33 @@ class StreamTest(LoopbackCase):
         server.answers = [sse(delta("b", "stop"))]
         self.assertEqual(client.chat_stream(HI, Writes()).content, "b")
 
+    def test_closing_a_stream_that_has_ended_keeps_its_outcome(self):
+        # the README's pattern: read the response after the with block, which closes the stream
+        endings = [
+            (answer({"error": {"message": "bad key"}}, 401), ("error", "HTTP 401: bad key", "")),
+            (sse(delta("a"), done=False)[:-1] + [chunk(b"data: {\"choi"), CLOSE],
+             ("error", "connection closed in the middle of a chunk: the response was cut short", "a")),
+            (sse(delta("a"), delta("b", "stop"), done=False), ("stop", "", "ab")),
+            (sse(delta("a"), delta("b", "length")), ("length", "", "ab")),
+        ]
+        for steps, (stop_reason, error, content) in endings:
+            with self.subTest(ending=stop_reason + error):
+                for read_all in (list, lambda stream: stream.response):
+                    with self.client(self.serve(steps)).stream(HI) as stream:
+                        read_all(stream)
+                    stream.close()  # and closing again changes nothing either
+                    response = stream.response
+                    self.assertEqual((response.stop_reason, response.error, response.content),
+                                     (stop_reason, error, content))
+                    self.assertEqual(response.ok, stop_reason != "error")
+
+    def test_closing_a_stream_before_it_starts_sends_nothing(self):
+        server = self.serve(sse(delta("a", "stop")))
+        stream = self.client(server).stream(HI)
+        stream.close()
+        self.assertEqual((stream.response.stop_reason, list(stream)), ("cancelled", []))
+        self.assertEqual(server.requests, [])
+
     def test_response_read_while_another_thread_iterates(self):
         server = self.serve(sse(delta("a"), 0.5, delta("b"), delta("c", "stop")))
         stream = self.client(server).stream(HI)
