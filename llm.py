@@ -1256,7 +1256,7 @@ class _Exchange:
                 connection.close()
                 if self.guard.cancelled:
                     raise _Failure("cancelled")
-                if reused:  # the server closed it while it was idle: one fresh try
+                if reused and _unread(exc):  # the server closed it while it was idle: one fresh try
                     reused = False
                     continue
                 raise _Failure(_network_error(exc, client), retryable=True)
@@ -1434,11 +1434,17 @@ class _FinalResponse(http.client.HTTPResponse):
     """
 
     def _read_status(self) -> "Tuple[str, int, str]":
-        while True:
+        try:
             version, status, reason = super()._read_status()  # type: ignore[misc]
-            if not 100 <= status < 200 or status == 101:  # 101: a protocol switch, never asked for
-                return version, status, reason
+        except http.client.RemoteDisconnected:
+            if _refused(getattr(self.fp.raw, "_sock", None)):  # type: ignore[union-attr]
+                raise ConnectionResetError("the server closed the connection before the"
+                                           " request reached it")
+            raise  # the server may have read the request: it is not sent again unasked
+        while 100 <= status < 200 and status != 101:  # 101: a protocol switch, never asked for
             http.client.parse_headers(self.fp)  # the interim response's headers, skipped
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+        return version, status, reason
 
 
 # ---- the client's connections: one idle connection per thread, reused while quiet
@@ -1490,6 +1496,19 @@ class _Slot:
     def __del__(self) -> None:
         if self.connection is not None:
             self.connection.close()
+
+
+def _refused(sock: "Any") -> bool:
+    """Whether the server's TCP refused the request just sent on ``sock`` (a reset).
+
+    A server that closes an idle connection just as a request is on its way
+    answers the request with a reset, after its close: it never read it. A
+    server that read the request and then closed sends no reset.
+    """
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    except (AttributeError, OSError):
+        return False
 
 
 def _quiet(sock: "Any") -> bool:
@@ -2169,6 +2188,16 @@ def _message_of(value: "Any", depth: int = 0) -> str:
 
 
 
+
+
+def _unread(exc: BaseException) -> bool:
+    """Whether a connection that failed before any answer never had its request read.
+
+    A reset, or a pipe broken while sending, says that the server did not take the
+    request; a plain close may come after the server read it (a worker killed
+    mid-generation), and such a request is not sent again unasked.
+    """
+    return isinstance(exc, ConnectionError) and not isinstance(exc, http.client.RemoteDisconnected)
 
 
 def _network_error(exc: BaseException, client: "Client") -> str:

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import select
 import signal
 import socket
 import ssl
@@ -28,6 +29,7 @@ SERVER_PEM = os.path.join(HERE, "tests", "testdata", "server.pem")
 KEY = "sk-test-SECRET-0123456789"
 HI = [{"role": "user", "content": "Hi"}]
 CLOSE, RESET, HANG = "close", "reset", "hang"
+UNREAD = "unread"  # an answer: wait for the request to arrive, then close without reading it
 
 
 # ---------------------------------------------------------------- the loopback server
@@ -197,6 +199,7 @@ class Server(Listening):
     def __init__(self, *answers, tls=False):
         self.answers = list(answers)
         self.requests = []
+        self.unread = 0  # requests that arrived and were never read (UNREAD)
         self.context = None
         if tls:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -226,6 +229,13 @@ class Server(Listening):
                 pass
 
     def _answer(self, sock, reader, number):
+        with self.lock:
+            upcoming = self.answers[min(len(self.requests) + self.unread + 1, len(self.answers)) - 1]
+        if upcoming == UNREAD:  # a keep-alive timeout that fires as the request arrives
+            select.select([sock], [], [], 10)
+            with self.lock:
+                self.unread += 1
+            return False  # closed with the request unread: the kernel answers with a reset
         line = reader.readline()
         if not line:
             return False
@@ -240,7 +250,7 @@ class Server(Listening):
         request = Request(number, line.decode("latin-1"), headers, body)
         with self.lock:
             self.requests.append(request)
-            steps = self.answers[min(len(self.requests), len(self.answers)) - 1]
+            steps = self.answers[min(len(self.requests) + self.unread, len(self.answers)) - 1]
         if callable(steps):
             steps = steps(request)
         for step in steps:
@@ -1358,6 +1368,66 @@ class NetworkTest(LoopbackCase):
         response = client.chat(HI)
         self.assertEqual((response.content, response.error), ("second", ""))
         self.assertEqual(server.connections, 2)
+
+    def test_a_request_the_server_may_have_read_is_never_sent_twice(self):
+        # a worker killed mid-generation, a proxy timing out: the server read the request,
+        # then closed the kept-alive connection without a byte of answer
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                first = answer(message("first")) if not stream else sse(delta("first", "stop"))
+                server = self.serve(first, [0.05, CLOSE], answer(message("again")))
+                client = self.client(server)
+                call = (lambda: client.chat_stream(HI, Writes())) if stream else (lambda: client.chat(HI))
+                self.assertEqual(call().content, "first")
+                response = call()
+                self.assertEqual(response.stop_reason, "error")
+                self.assertIn("closed the connection without answering", response.error)
+                self.assertEqual(len(server.requests), 2)  # one copy of each call's request
+                self.assertEqual(call().content, "again")  # the client goes on, afresh
+
+    def test_a_request_the_server_may_have_read_is_resent_when_retries_ask(self):
+        server = self.serve(answer(message("first")), [CLOSE], answer(message("again")))
+        client = self.client(server, retries=1)
+        self.assertEqual(client.chat(HI).content, "first")
+        self.assertEqual((client.chat(HI).content, len(server.requests)), ("again", 3))
+
+    def test_a_request_the_server_never_read_is_sent_again_at_once(self):
+        # the server's keep-alive timeout fires as the request arrives: it closes the
+        # connection with the request unread, and its kernel answers with a reset
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                first = answer(message("first")) if not stream else sse(delta("first", "stop"))
+                server = self.serve(first, UNREAD, answer(message("second")))
+                client = self.client(server)
+                call = (lambda: client.chat_stream(HI, Writes())) if stream else (lambda: client.chat(HI))
+                self.assertEqual(call().content, "first")
+                response = call()
+                self.assertEqual((response.content, response.error), ("second", ""))
+                self.assertEqual((len(server.requests), server.unread, server.connections), (2, 1, 2))
+
+    def test_a_request_sent_after_the_servers_close_crossed_it_is_sent_again(self):
+        # the stale keep-alive race itself: the server closed the idle connection (its FIN)
+        # just before the request reached it, and its kernel refused the request (a reset);
+        # a server that read the request before closing sent no reset
+        import http.client
+        listener = self.listener(4)
+        for method, body in (("GET", None), ("POST", b"{}")):  # one send, or two
+            for read_first in (False, True):
+                connection = http.client.HTTPConnection(*listener.getsockname(), timeout=5)
+                connection.response_class = llm._FinalResponse
+                self.addCleanup(connection.close)
+                connection.connect()
+                server_side, _ = listener.accept()
+                with self.assertRaises(ConnectionError) as raised:
+                    if not read_first:
+                        server_side.close()  # its FIN is on the way as the request goes out
+                    connection.request(method, "/v1/models", body)
+                    if read_first:
+                        server_side.recv(65536)
+                        server_side.close()
+                    connection.getresponse()
+                self.assertEqual(llm._unread(raised.exception), not read_first,
+                                 (method, raised.exception))
 
     def test_threads_share_one_client(self):
         def echo(request):
