@@ -1312,8 +1312,10 @@ class _Exchange:
     def _error_of(self, answer: "http.client.HTTPResponse", posted: bool) -> "Tuple[str, str]":
         """Read an error answer: its one-line message and its raw text (lowercased)."""
         message, raw = _error_answer(answer)
-        if not answer.isclosed() and self.connection is not None:
-            self.connection.close()  # the rest of a long body is not worth reading
+        # after a 101 the connection speaks another protocol; the rest of a long body is not
+        # worth reading
+        if (answer.status < 200 or not answer.isclosed()) and self.connection is not None:
+            self.connection.close()
         if answer.status in (404, 405):  # most often a base_url with a wrong path
             message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...",
                                    _tried(self.client, posted))
@@ -1397,8 +1399,10 @@ class _Exchange:
         """Give the connection back for reuse when its answer was read whole, else close it."""
         connection, self.connection = self.connection, None
         if connection is not None:
-            guard = self.guard
-            finished = self.answer is None or self.answer.isclosed()
+            answer, guard = self.answer, self.guard
+            if answer is not None and answer.length == 0:  # read to the end of its Content-Length,
+                answer.close()  # which http.client leaves open on some Pythons
+            finished = answer is None or answer.isclosed()
             _checkin(self.client, connection, finished and not (
                 self.broken or guard.cancelled or guard.expired), guard.pid)
 
@@ -1515,6 +1519,9 @@ def _quiet(sock: "Any") -> bool:
     """Whether an idle socket has nothing to read: no stray bytes, no close from the server."""
     if sock is None:
         return True
+    pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted wait in its buffer,
+    if pending is not None and pending():  # where neither select() nor a peek sees them
+        return False
     import select  # built in, and cheap; not loaded at import time
 
     try:

@@ -2304,6 +2304,26 @@ class InterimResponseTest(LoopbackCase):
             self.assertEqual(client.chat(say(text)).content, text)
             time.sleep(0.1)  # the stray answer arrives while the connection is idle
 
+    def test_stray_bytes_already_decrypted_are_never_the_next_answer(self):
+        # over TLS, bytes sent right after an answer, in its last TLS record, wait in the
+        # TLS layer's buffer, where neither select() nor a peek on the socket sees them
+        stray = answer(message("stray"))[0]
+        for tls in (True, False):
+            for size in (100, 20000, 70000):  # the answer's end in a record, or several
+                with self.subTest(tls=tls, size=size):
+                    def padded(request):
+                        text = request.json()["messages"][-1]["content"]
+                        if request.json()["stream"]:  # framed by its length, as some servers do
+                            body = event(delta(text, "stop", padding="x" * size)) + event("[DONE]")
+                            return [head(chunked=False, length=len(body)) + body + stray]
+                        reply = message(text, padding="x" * size)
+                        return [answer(reply)[0] + stray]  # one send: one stream of records
+                    server = self.serve(padded, tls=tls)
+                    client = self.client(server, ca_file=CA_FILE)
+                    for text in ("one", "two", "three"):
+                        self.assertEqual(client.chat(say(text)).content, text)
+                        self.assertEqual(client.chat_stream(say(text), Writes()).content, text)
+
     def test_a_connection_is_not_reused_after_an_answer_cut_short(self):
         body = json.dumps(message("whole")).encode()
         cut = [head(200, "application/json", chunked=False, length=len(body) + 10) + body, CLOSE]
@@ -2346,6 +2366,31 @@ class InterimResponseTest(LoopbackCase):
         client = self.client(quiet)
         self.assertEqual([client.chat(say(t)).content for t in "abc"], list("abc"))
         self.assertEqual(quiet.connections, 1)
+
+    def test_a_stream_framed_by_its_length_gives_its_connection_back(self):
+        def framed(request):
+            text = request.json()["messages"][-1]["content"]
+            body = event(delta(text)) + event(delta("!", "stop")) + event("[DONE]")
+            return [head(chunked=False, length=len(body)), body]
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                server = self.serve(framed, tls=tls)
+                client = self.client(server, ca_file=CA_FILE)
+                for text in ("one", "two", "three"):
+                    self.assertEqual(client.chat_stream(say(text), Writes()).content, text + "!")
+                    self.assertEqual([piece for piece in client.stream(say(text))], [text, "!"])
+                self.assertEqual(server.connections, 1)
+
+    def test_an_interim_switching_protocols_answer_never_leaves_its_connection_in_the_pool(self):
+        switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        for then in ([], [b"\x81\x05hello"], [answer(message("stray"))[0]]):
+            with self.subTest(then=then):
+                server = self.serve([switching] + then + [0.2], echo)
+                client = self.client(server)
+                response = client.chat(say("one"))
+                self.assertEqual((response.stop_reason, response.status), ("error", 101))
+                self.assertEqual(client.chat(say("two")).content, "two")
+                self.assertEqual(server.connections, 2)
 
     def test_a_switching_protocols_answer_is_an_error_not_skipped(self):
         server = self.serve([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", HANG])
