@@ -1878,8 +1878,11 @@ class _Assembler:
         self.refusal = []  # type: List[str]
 
     def event(self, kind: str, payload: "Any") -> "Optional[str]":
-        """Take one event of a stream: a chunk, ``_DONE``, an error, or something else."""
-        if payload is _DONE:
+        """Take one event of a stream: a chunk, ``_DONE``, an error, or something else.
+
+        Nothing after ``[DONE]`` counts, whether it came in the same read or later.
+        """
+        if payload is _DONE or self.done:
             self.done = True
             return None
         if kind == "error":

@@ -748,6 +748,13 @@ class AssemblerTest(unittest.TestCase):
                        ({"message": "x"}, delta(finish="stop"))):
             fed(*events).check()
 
+    def test_nothing_after_done_counts(self):
+        assembler = fed(delta("a"), llm._DONE, delta("b", "length"), {"error": "late"},
+                        delta(tool_calls=[fragment(0, "c1", "f", "{}")]))
+        self.assertEqual(assembler.event("error", {"message": "late"}), None)
+        reply = assembler.response()
+        self.assertEqual((reply.content, reply.stop_reason, reply.tool_calls), ("a", "stop", []))
+
     def test_a_stream_that_ends_without_done_needs_a_finish_reason(self):
         self.assertEqual(failure(llm._Assembler().ended, False), "the server sent an empty reply")
         self.assertEqual(failure(fed(delta("a")).ended, True), "stream ended before [DONE]")
@@ -968,6 +975,26 @@ class StreamingTest(LoopbackCase):
     def test_stream_without_done_but_with_finish_reason_is_complete(self):
         response, _, _ = self.stream(sse(delta("a", "stop"), done=False))
         self.assertEqual((response.stop_reason, response.error), ("stop", ""))
+
+    def test_events_after_done_never_count_however_the_reads_split(self):
+        after = [event(delta(" more", "length")), event({"error": {"message": "late failure"}}),
+                 b"event: error\ndata: {\"message\": \"late\"}\n\n", event(delta(tool_calls=[
+                     {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]))]
+        for late in after:
+            body = event(delta("a")) + b"data: [DONE]\n\n" + late
+            cuts = [None] + list(range(1, len(body)))
+
+            def answer_of(request):  # each call names the cut it asks for
+                cut = cuts[int(request.json()["messages"][-1]["content"])]
+                parts = [body] if cut is None else [body[:cut], body[cut:]]
+                return [head()] + [chunk(part) for part in parts] + [END]
+            client = self.client(self.serve(answer_of))
+            for number, cut in enumerate(cuts):
+                with self.subTest(late=late[:24], cut=cut):
+                    writes = []
+                    response = client.chat_stream(say(str(number)), Writes(writes))
+                    self.assertEqual((response.content, response.stop_reason, response.error,
+                                      response.tool_calls, writes), ("a", "stop", "", [], ["a"]))
 
     def test_connection_closed_before_done_and_finish_is_an_error_keeping_content(self):
         response, writes, _ = self.stream([head(chunked=False), event(delta("par")), event(delta("tial")), CLOSE])
