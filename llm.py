@@ -1775,17 +1775,18 @@ def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
 
 
 def _check_cost(text: "Union[str, bytes]", budget: int) -> None:
-    """Refuse JSON whose parsing would take more than about 3 * budget bytes of memory.
+    """Refuse JSON whose values would take more than about 3 * budget bytes of memory.
 
-    The text and the strings parsed from it cost about twice its own size; each
-    other value (a tiny ``{}`` costs 64 bytes and more) at most _VALUE_COST. Every
-    value but the first follows a ``,``, ``:``, ``[`` or ``{``, or is a string:
-    counting those bounds the values, first in the whole text, then (for text
-    with many such characters inside its strings) token by token, stopping as
-    soon as there are too many.
+    The text and the strings parsed from it cost about twice its length (up to
+    four bytes a character where Python stores text wide, as one emoji makes it:
+    ordinary text up to the budget is always read); each other value (a tiny
+    ``{}`` costs 64 bytes and more) at most _VALUE_COST. Every value but the
+    first follows a ``,``, ``:``, ``[`` or ``{``, or is a string: counting those
+    bounds the values, first in the whole text, then (for text with many such
+    characters inside its strings) token by token, stopping as soon as there
+    are too many.
     """
-    size = sys.getsizeof(text, 0) or len(text)  # PyPy tells no sizes: its strings are UTF-8
-    allowed = (3 * budget - 2 * size) // _VALUE_COST
+    allowed = max(0, 3 * budget - 2 * len(text)) // _VALUE_COST
     marks = (",", ":", "[", "{", '"') if isinstance(text, str) else (b",", b":", b"[", b"{", b'"')
     counts = [text.count(mark) for mark in marks]  # type: ignore[arg-type]
     if sum(counts[:4]) + counts[4] // 2 <= allowed:

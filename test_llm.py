@@ -1204,6 +1204,47 @@ class ReasoningTest(LoopbackCase):
         self.assertEqual((response.reasoning, response.to_message()), ("", {"role": "assistant", "content": "a"}))
 
 
+class OrdinaryTextTest(LoopbackCase):
+    """Ordinary text in any script, up to max_bytes, is read, whole or streamed."""
+
+    LIMIT = 1 << 20
+    SCRIPTS = {"emoji": "\U0001F600 ", "CJK": "\u6f22\u5b57\u3067\u3059\u3002", "accents": "d\u00e9j\u00e0 vu, ",
+               "curly quotes": "\u201cquoted\u201d ", "ASCII and one emoji": None}
+
+    def text(self, unit, size):
+        """Text of about ``size`` bytes of UTF-8 made of ``unit`` (ASCII and one emoji for None)."""
+        if unit is None:
+            return "plain words, " * (size // 13 - 1) + "\U0001F600"
+        return unit * (size // len(unit.encode("utf-8")))
+
+    def test_ordinary_text_in_any_script_up_to_max_bytes_is_read(self):
+        for name, unit in self.SCRIPTS.items():
+            for size in (420000, self.LIMIT - 32768):  # the rest for the JSON around it
+                text = self.text(unit, size)
+                whole = json.dumps(message(text), ensure_ascii=False).encode("utf-8")
+                one_event = event(delta(text, "stop")) + b"data: [DONE]\n\n"
+                many = b"".join(event(delta(text[at:at + 9000])) for at in range(0, len(text), 9000))
+                bodies = {"whole": [head(200, "application/json", chunked=False, length=len(whole)) + whole],
+                          "one event": raw_sse(one_event), "many events": raw_sse(many + event(delta("", "stop")))}
+                for shape, steps in bodies.items():
+                    with self.subTest(script=name, size=size, shape=shape):
+                        writes = []
+                        response = self.client(self.serve(steps), max_bytes=self.LIMIT).chat_stream(
+                            HI, Writes(writes))
+                        self.assertEqual((response.error, response.stop_reason), ("", "stop"))
+                        self.assertEqual((response.content, "".join(writes)), (text, text))
+
+    def test_no_size_of_text_makes_the_cost_check_raise_anything_but_its_refusal(self):
+        for unit in ("a", "\U0001F600", "\u6f22"):
+            for budget in (1000, 70000, self.LIMIT):
+                for size in (65537, 2 * 65537, self.LIMIT, 3 * self.LIMIT):
+                    text = json.dumps([unit * (size // len(unit.encode("utf-8")) // 2)] * 2, ensure_ascii=False)
+                    try:
+                        llm._json(text, budget)
+                    except llm._Costly:
+                        pass
+
+
 class WholeReplyTest(LoopbackCase):
     def test_chat_returns_content_usage_model_and_id(self):
         usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}

@@ -1343,6 +1343,20 @@ class BoundedWorkTest(HostileCase):
         response = self.assert_memory_bounded(lambda: client.chat(HI), 4 * MIB)
         self.assertEqual(response.content, text)
 
+    def test_wide_text_up_to_max_bytes_is_read_within_a_bounded_peak(self):
+        # one emoji makes Python store every character of a string in four bytes: the
+        # text costs up to four times its UTF-8 size, and is read all the same
+        limit = 4 * MIB
+        text = "plain words, " * ((limit - 64 * 1024) // 13) + "\U0001F600"
+        whole = json.dumps(message(text), ensure_ascii=False).encode("utf-8")
+        streamed = event(delta(text, "stop")) + b"data: [DONE]\n\n"
+        for steps in ([head(200, "application/json", chunked=False, length=len(whole)) + whole],
+                      raw_sse(streamed, chunked=False)):
+            client = self.client(self.serve(steps), max_bytes=limit)
+            response, peak = self.assert_bounded_peak(lambda: client.chat_stream(HI, Writes()), 10 * limit)
+            check_response(self, response)
+            self.assertEqual(response.content, text)
+
     def test_log_probabilities_are_kept_within_max_bytes(self):
         limit = MIB
 
