@@ -57,6 +57,7 @@ _MAX_BYTES = 64 * 1024 * 1024  # a response body larger than this is refused
 _READ_SIZE = 65536
 _ERROR_BODY_LIMIT = 65536  # bytes of an error body that are read
 _ERROR_TEXT_LIMIT = 300  # characters of a server's message that are kept
+_MAX_TRAILERS = 65536  # bytes of trailer lines read after a chunked body's last chunk
 _RETRY_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504))
 _BACKOFF_FIRST, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.5, 30.0, 120.0
 _STOP_REASONS = {
@@ -1199,7 +1200,7 @@ class _Exchange:
     def __init__(self, client: Client, stream: bool, guard: _Guard) -> None:
         self.client, self.stream, self.guard = client, stream, guard
         self.connection = None  # type: Optional[http.client.HTTPConnection]
-        self.answer = None  # type: Optional[http.client.HTTPResponse]
+        self.answer = None  # type: Optional[_FinalResponse]
         self.broken = False  # the connection cannot be reused
         self.status = 0
         self.headers = None  # type: Optional[http.client.HTTPMessage]
@@ -1250,8 +1251,8 @@ class _Exchange:
                     connection.request("GET", client._models_path, headers=headers)
                 else:
                     connection.request("POST", client._chat_path, data, headers)
-                self.answer = connection.getresponse()
-                return self.answer
+                answer = self.answer = connection.getresponse()  # type: ignore[assignment]
+                return answer
             except (ConnectionError, http.client.BadStatusLine) as exc:
                 connection.close()
                 if self.guard.cancelled:
@@ -1402,7 +1403,7 @@ class _Exchange:
             answer, guard = self.answer, self.guard
             if answer is not None and answer.length == 0:  # read to the end of its Content-Length,
                 answer.close()  # which http.client leaves open on some Pythons
-            finished = answer is None or answer.isclosed()
+            finished = answer is None or answer.isclosed() and not answer.unfinished
             _checkin(self.client, connection, finished and not (
                 self.broken or guard.cancelled or guard.expired), guard.pid)
 
@@ -1430,18 +1431,22 @@ class _Handshake:
 
 
 class _FinalResponse(http.client.HTTPResponse):
-    """A response that skips every interim (1xx) response, not only ``100 Continue``.
+    """http.client's response, read as a call needs it.
 
-    RFC 9110 asks clients to accept any number of them (``102 Processing``,
-    ``103 Early Hints``) before the final one; taking one as the answer would
-    leave the real answer in the socket, to be read as the next call's.
+    It skips every interim (1xx) response, not only ``100 Continue``: RFC 9110
+    asks clients to accept any number of them (``102 Processing``, ``103 Early
+    Hints``) before the final one, and taking one as the answer would leave the
+    real answer in the socket, to be read as the next call's. It tells a request
+    the server refused unread from one it may have read, and it bounds trailers.
     """
+
+    unfinished = False  # trailers were left unread: the connection cannot be reused
 
     def _read_status(self) -> "Tuple[str, int, str]":
         try:
             version, status, reason = super()._read_status()  # type: ignore[misc]
         except http.client.RemoteDisconnected:
-            if _refused(getattr(self.fp.raw, "_sock", None)):  # type: ignore[union-attr]
+            if _refused(getattr(self.fp.raw, "_sock", None)):
                 raise ConnectionResetError("the server closed the connection before the"
                                            " request reached it")
             raise  # the server may have read the request: it is not sent again unasked
@@ -1449,6 +1454,24 @@ class _FinalResponse(http.client.HTTPResponse):
             http.client.parse_headers(self.fp)  # the interim response's headers, skipped
             version, status, reason = super()._read_status()  # type: ignore[misc]
         return version, status, reason
+
+    def _read_and_discard_trailer(self) -> None:
+        """Skip the trailer lines after the last chunk, ``_MAX_TRAILERS`` bytes at most.
+
+        http.client reads them without end (and refuses a long line, after a body
+        that was whole). More, or a failure while reading them, leaves the body as
+        it came: whole, with a connection that is not reused.
+        """
+        left = _MAX_TRAILERS
+        try:
+            while left > 0:
+                line = self.fp.readline(left)
+                if line in (b"\r\n", b"\n", b""):
+                    return
+                left -= len(line)
+        except (OSError, ValueError):  # the deadline or a cancel shut the socket down
+            pass
+        self.unfinished = True
 
 
 # ---- the client's connections: one idle connection per thread, reused while quiet

@@ -1290,6 +1290,34 @@ class BoundedWorkTest(HostileCase):
                 llm._SSEDecoder().feed(stream)
                 self.assertLessEqual(sum(parsed), 2 * len(stream), name)
 
+    def test_trailer_lines_without_end_are_bounded_and_the_reply_stands(self):
+        # after the last chunk a server may send trailer lines: one that sends them without
+        # end kept chat() and chat_stream() reading (gigabytes, with max_bytes of 1 MiB)
+        line = b"X-Trailer: " + b"t" * 100 + b"\r\n"
+        bodies = {"stream": chunk(event(delta("a", "stop"))) + chunk(b"data: [DONE]\n\n"),
+                  "whole": chunk(json.dumps(message("a")).encode())}
+        for name, body in bodies.items():
+            for kind in ("endless", "one long line"):
+                with self.subTest(name=name, trailers=kind):
+                    sent = []
+
+                    def steps(request):
+                        yield head(content_type="text/event-stream" if name == "stream"
+                                   else "application/json") + body + b"0\r\n"
+                        while sum(sent) < 64 * MIB:  # a bound for the test: the client stops sooner
+                            piece = line * 100 if kind == "endless" else b"t" * 100000
+                            sent.append(len(piece))
+                            yield piece
+                        yield b"\r\n\r\n"
+                    server = self.serve(steps)
+                    client = self.client(server, max_bytes=MIB)
+                    for call in (lambda: client.chat(HI), lambda: client.chat_stream(HI, Writes())):
+                        response, _ = bounded(self, call, 60)
+                        check_response(self, response)
+                        self.assertEqual((response.content, response.stop_reason), ("a", "stop"))
+                        self.assertLess(sum(sent), 16 * MIB)
+                    self.assertEqual(server.connections, 2)  # never reused with trailers unread
+
     def test_the_deadline_bounds_work_on_data_that_keeps_coming(self):
         piece = event(delta("x" * 100)) * 600  # 60 KB of content per send, as fast as it goes
         client = self.client(self.serve(lazy(head(chunked=False), piece, 60 * MIB)),
