@@ -73,8 +73,9 @@ _STOP_REASONS = {
 _CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "cookie", "password", "passwd", "sig",
                      "credential", "session")  # in a header or query field's name
 _AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "bot", "key", "apikey")
+# what a client reads from the environment, besides the proxies (each ``*_proxy`` variable)
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
-                "OPENAI_API_KEY", "OLLAMA_HOST")
+                "OPENAI_API_KEY", "OLLAMA_HOST", "REQUEST_METHOD", "SSL_CERT_FILE", "SSL_CERT_DIR")
 _MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is quadratic)
 _MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refused
 _VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
@@ -569,12 +570,14 @@ class _Models(list):  # type: ignore[type-arg]
 
 # ---------------------------------------------------------------- module-level functions
 
-_shared = {}  # type: Dict[Tuple[Optional[str], ...], Client]
+_shared = {}  # type: Dict[Tuple[Tuple[str, str], ...], Client]
 _shared_lock = threading.Lock()
 
 
 def _environment_client() -> Client:
-    key = tuple(os.environ.get(name) for name in _ENVIRONMENT)
+    """The client made from the environment, made again when a variable it reads changed."""
+    key = tuple(sorted((name, value) for name, value in os.environ.items()
+                       if name in _ENVIRONMENT or name.lower().endswith("_proxy")))
     with _shared_lock:
         client = _shared.get(key)
         if client is None:

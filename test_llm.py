@@ -1709,6 +1709,27 @@ class TLSAndProxyTest(LoopbackCase):
         self.assertNotIn(KEY, proxy.seen[0])  # the key goes inside the tunnel only
         self.assertEqual(server.requests[0].headers["authorization"], "Bearer " + KEY)
 
+    def test_the_module_level_functions_follow_every_variable_the_client_reads(self):
+        first, second = (self.serve(answer(message(text))) for text in ("first", "second"))
+        proxies = [Proxy(first.port), Proxy(second.port)]
+        for proxy in proxies:
+            self.addCleanup(proxy.close)
+        # the base URL and key stay; only a proxy variable changes, in any of its spellings
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+            with self.subTest(name=name):
+                for proxy, text in zip(proxies, ("first", "second")):
+                    self.env(**{"LLM_BASE_URL": "http://llm.test/v1", name: proxy.url})
+                    self.assertEqual(llm.chat(HI).content, text)
+                self.env(**{"LLM_BASE_URL": "http://llm.test/v1", name: proxies[0].url,
+                            "NO_PROXY": "llm.test"})
+                self.assertIn("cannot resolve host llm.test", llm.chat(HI).error)
+        # the certificates OpenSSL trusts by default, read when the client is made
+        server = self.serve(answer(message("secure")), tls=True)
+        self.env(LLM_BASE_URL=server.url, SSL_CERT_FILE=CA_FILE)
+        self.assertEqual(llm.chat(HI).content, "secure")
+        self.env(LLM_BASE_URL=server.url)
+        self.assertIn("certificate", llm.chat(HI).error)
+
     def test_loopback_never_goes_through_a_proxy(self):
         server = self.serve(answer(message("direct")))
         self.env(HTTP_PROXY="http://127.0.0.1:%d" % free_port(), ALL_PROXY="http://127.0.0.1:1")
