@@ -2658,8 +2658,10 @@ def _stats(reply: Response) -> str:
     if isinstance(tokens, int):  # the generation rate: the tokens after the first, over their time
         made, took = (tokens - 1, reply.total_seconds - first) if first is not None \
             and tokens > 1 else (tokens, reply.total_seconds)
-        if took > 0:
+        try:
             parts.append("%.1f tokens/s" % (made / took))
+        except (ZeroDivisionError, OverflowError):  # no time, or more tokens than a float holds
+            pass
     parts.append("%.2f s in all" % reply.total_seconds)
     return ", ".join(parts)
 
@@ -2681,14 +2683,29 @@ class _Shown:
             self.thoughts.write(text)
 
 
-def _as_json(reply: Response, secrets: "List[str]") -> "Dict[str, Any]":
-    return {"content": reply.content, "stop_reason": reply.stop_reason, "error": reply.error,
+def _as_json(reply: Response, secrets: "List[str]") -> "Any":
+    return _finite({"content": reply.content, "stop_reason": reply.stop_reason, "error": reply.error,
             "status": reply.status, "model": reply.model, "id": reply.id, "usage": reply.usage,
             "tool_calls": [call.to_dict() for call in reply.tool_calls],
             "reasoning": reply.reasoning, "refusal": reply.refusal, "logprobs": reply.logprobs,
             "headers": _header_dict(reply.headers, secrets),
             "first_token_seconds": reply.first_token_seconds,
-            "total_seconds": reply.total_seconds}
+            "total_seconds": reply.total_seconds})
+
+
+def _finite(value: "Any") -> "Any":
+    """``value`` as strict JSON can hold it: an infinite or NaN float becomes null.
+
+    Python servers send ``-Infinity`` log-probabilities, and an integer of
+    thousands of digits is read as an infinite float.
+    """
+    if isinstance(value, float):
+        return value if value - value == 0 else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _header_dict(headers: "http.client.HTTPMessage", secrets: "List[str]") -> "Dict[str, str]":

@@ -331,6 +331,33 @@ class JSONTest(CommandLineCase):
                           % server.url, 404))
         self.assertEqual(result.err, "error: %s\n" % reply["error"])
 
+    def test_json_is_strict_json_whatever_numbers_the_server_sent(self):
+        # Python servers send log-probabilities of -Infinity and NaN, which strict JSON lacks;
+        # an integer of thousands of digits is read as a float, infinite
+        def strict(text):
+            return json.loads(text, parse_constant=lambda name: self.fail("%s in --json" % name))
+        logprobs = {"content": [{"token": "a", "logprob": float("-inf"), "bytes": [97],
+                                 "top_logprobs": [{"token": "b", "logprob": float("nan")}]}]}
+        chunk_ = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "a"},
+                                                          "logprobs": logprobs, "finish_reason": "stop"}]}
+        usage = '{"choices": [], "usage": {"prompt_tokens": %s, "completion_tokens": 1}}' % ("9" * 5000)
+        body = ("data: %s\n\ndata: %s\n\ndata: [DONE]\n\n" % (json.dumps(chunk_), usage)).encode()
+        server = self.serve([head()] + [chunk(body)] + [END])
+        result = self.run_cli("--json", "Hi", server=server)
+        self.assertEqual(result.status, 0)
+        reply = strict(result.out)
+        self.assertEqual(reply["logprobs"], [{"token": "a", "logprob": None, "bytes": [97],
+                                              "top_logprobs": [{"token": "b", "logprob": None}]}])
+        self.assertEqual((reply["content"], reply["usage"]["prompt_tokens"]), ("a", None))
+
+    def test_stats_with_counts_too_large_for_a_float_prints_what_it_can(self):
+        usage = {"prompt_tokens": 1, "completion_tokens": 10 ** 400, "total_tokens": 10 ** 400 + 1}
+        server = self.serve(sse(delta("Hello", "stop"), {"choices": [], "usage": usage}))
+        result = self.run_cli("--stats", "Hi", server=server)
+        self.assertEqual((result.status, result.out), (0, "Hello\n"))
+        self.assertRegex(result.err, r"^1(0{400}) tokens, first token after \d+\.\d\d s,"
+                                     r" \d+\.\d\d s in all\n$")
+
     def test_json_keeps_non_ascii_readable(self):
         server = self.serve(sse(delta("caf\u00e9", "stop")))
         result = self.run_cli("--json", "Hi", server=server)
