@@ -2566,8 +2566,20 @@ def _turn(client: Client, history: "List[Dict[str, Any]]", line: str, options: "
     reply = _interruptible(client, history, options, params)
     if reply.ok or (reply.stop_reason == "cancelled" and reply.content):
         history.append(_without_reasoning(reply.to_message()))
+        history.extend(_unanswered(reply))
     else:
         history.pop()
+
+
+def _unanswered(reply: Response) -> "List[Dict[str, Any]]":
+    """An answer for each tool call of a reply, which a chat cannot run: servers refuse a
+    history in which a call has none."""
+    said = "This chat cannot run tools; answer without them."
+    if reply._legacy_call:
+        return [{"role": "function", "name": call.name, "content": said}
+                for call in reply.tool_calls]
+    return [{"role": "tool", "tool_call_id": call.id, "content": said}
+            for call in reply.tool_calls]
 
 
 def _without_reasoning(message: "Dict[str, Any]") -> "Dict[str, Any]":
@@ -2719,7 +2731,12 @@ def _header_dict(headers: "http.client.HTTPMessage", secrets: "List[str]") -> "D
 
 
 def _report(reply: Response) -> None:
-    """Say on stderr why a reply ended early."""
+    """Say on stderr why a reply ended early, and what tools it calls."""
+    if reply.tool_calls:
+        console = _Console(sys.stderr)
+        console.end_line()
+        console.write("".join("tool call: %s %s\n" % (call.name, call.arguments)
+                              for call in reply.tool_calls))
     if reply.stop_reason == "error":
         _complain(reply.error)
     elif reply.refusal:

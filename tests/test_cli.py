@@ -573,6 +573,34 @@ class ChatLoopTest(CommandLineCase):
         terminal.type("\x04")  # Ctrl-D
         self.assertEqual(terminal.wait(), 0)
 
+    def test_a_reply_that_calls_tools_is_shown_and_the_history_stays_valid(self):
+        calls = [{"index": 0, "id": "call_1", "type": "function",
+                  "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+                 {"index": 1, "id": "call_2", "type": "function",
+                  "function": {"name": "get_time", "arguments": "{}"}}]
+        server = self.serve(sse(delta("Let me look.", tool_calls=calls), delta(finish="tool_calls")),
+                            sse(delta("Sunny.", "stop")))
+        tools = json.dumps([{"type": "function", "function": {"name": "get_weather"}}])
+        terminal = self.terminal("--base-url", server.url, "-o", "tools", tools)
+        terminal.expect("> ")
+        terminal.type("Weather in Paris?\n")
+        shown = terminal.expect("> ")
+        self.assertIn('tool call: get_weather {"city": "Paris"}', shown)
+        self.assertIn("tool call: get_time {}", shown)
+        terminal.type("Thanks\n")
+        self.assertIn("Sunny.", terminal.expect("> "))
+        history = server.requests[1].json()["messages"]
+        self.assertEqual(history[0], {"role": "user", "content": "Weather in Paris?"})
+        self.assertEqual((history[1]["content"], [c["id"] for c in history[1]["tool_calls"]]),
+                         ("Let me look.", ["call_1", "call_2"]))
+        # every call has its answer before the next user message, as servers require
+        self.assertEqual([(m["role"], m["tool_call_id"]) for m in history[2:4]],
+                         [("tool", "call_1"), ("tool", "call_2")])
+        self.assertTrue(all(m["content"] for m in history[2:4]))
+        self.assertEqual(history[4:], [{"role": "user", "content": "Thanks"}])
+        terminal.type("/exit\n")
+        self.assertEqual(terminal.wait(), 0)
+
     def test_a_failed_turn_is_reported_and_dropped_from_history(self):
         server = self.serve(answer({"error": "overloaded"}, 503), sse(delta("Fine.", "stop")))
         terminal = self.terminal("--base-url", server.url)
