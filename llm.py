@@ -87,6 +87,7 @@ _JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
 # what a delta may carry beside its text
 _ASIDES = frozenset(("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal"))
+_SSE_STARTS = (b":", b"data", b"event", b"id", b"retry", b"error")  # how an event stream begins
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
@@ -246,7 +247,11 @@ class Response:
             message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         if self.refusal:
             message["refusal"] = self.refusal
-        if self.reasoning:
+        if self.reasoning and self._reasoning_field == "thinking":  # content parts (Mistral's)
+            message["content"] = [{"type": "thinking", "thinking": [
+                {"type": "text", "text": self.reasoning}]}] + (
+                [{"type": "text", "text": self.content}] if self.content else [])
+        elif self.reasoning:
             message[self._reasoning_field] = self.reasoning
         return message
 
@@ -1333,12 +1338,15 @@ class _Exchange:
         if "event-stream" in kind:
             return "events", b""
         first = self.read(answer)  # no telling type: look at the first bytes
-        if first.lstrip()[:1] in (b"{", b"["):
+        start = first.lstrip(b"\xef\xbb\xbf \t\r\n")[:6]
+        if start[:1] in (b"{", b"["):
             return "json", first
-        if first.lstrip()[:1] == b"<":
+        if start and not any(field.startswith(start) or start.startswith(field)
+                             for field in _SSE_STARTS):  # HTML, plain text: no reply at all
             self.broken = True
-            raise _Failure("expected JSON or an event stream, got %s: %s"
-                           % (kind or "no content type", _clip(first)))
+            raise _Failure("the server answered with %s, not %s: %s" % (
+                kind or "no content type", "an event stream" if self.stream else "JSON",
+                _clip(first)))
         return "events", first
 
     def read(self, answer: "http.client.HTTPResponse", whole: bool = False) -> bytes:
@@ -1988,7 +1996,7 @@ class _Assembler:
             self._take_asides(delta, whole)
         text = delta.get("content")
         if text and not isinstance(text, str):
-            text = _text_of_parts(text)
+            text = self._parts(text)
         if text:
             self.content.append(text)
             self.began = True
@@ -1997,18 +2005,39 @@ class _Assembler:
             self.began = bool(self.reasoning or self.builders or self.refusal)
         return None
 
+    def _parts(self, content: "Any") -> str:
+        """The text of content given as a list of parts; thinking parts (Mistral's) are reasoning."""
+        if not isinstance(content, list):
+            return ""
+        texts = []
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "thinking":
+                thought = _text_of_parts(part.get("thinking"))
+                if thought:
+                    self.reasoning.append(thought)
+                    self.reasoning_field = "thinking"  # as a content part
+            elif isinstance(part.get("text"), str):
+                texts.append(part["text"])
+        return "".join(texts)
+
     def _take_asides(self, delta: "Dict[str, Any]", whole: bool) -> None:
         """Keep a delta's reasoning (under either name), tool calls and refusal."""
-        for field in ("reasoning_content", "reasoning"):
-            thought = delta.get(field)
-            if thought and isinstance(thought, str):
-                self.reasoning.append(thought)
-                self.reasoning_field = field
+        older, thought = delta.get("reasoning_content"), delta.get("reasoning")
+        if older and isinstance(older, str) and older != thought:  # vLLM 0.11 to 0.15 send both
+            self.reasoning.append(older)
+            self.reasoning_field = "reasoning_content"
+        if thought and isinstance(thought, str):
+            self.reasoning.append(thought)
+            self.reasoning_field = "reasoning"
         if delta.get("tool_calls"):
             self._add_tool_calls(delta["tool_calls"], whole)
         elif isinstance(delta.get("function_call"), dict):  # the older functions API
-            self.legacy_call = True
-            self._add_tool_calls([{"index": 0, "function": delta["function_call"]}], whole=False)
+            call = delta["function_call"]
+            if call.get("name") or call.get("arguments"):  # some gateways send an empty one
+                self.legacy_call = True
+                self._add_tool_calls([{"index": 0, "function": call}], whole=False)
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             self.refusal.append(refusal)
@@ -2075,12 +2104,17 @@ class _Assembler:
 
         Every text the server chose is shown with ``secrets`` redacted.
         """
-        response = self._ending(error, cancelled, secrets or [])
+        calls = []  # type: List[ToolCall]
+        for builder in self.builders:
+            arguments = "".join(builder["arguments"])
+            if builder["name"] or arguments:  # with neither it is no call: some gateways send one
+                calls.append(ToolCall(builder["id"] or "call_%d" % len(calls), builder["name"],
+                                      arguments, builder["type"] or "function"))
+                if not (builder["name"] or error):  # it could not be run
+                    error = "the server sent a tool call without a name (arguments %s)" % arguments
+        response = self._ending(error, cancelled, secrets or [], calls)
         response.usage = _usage(self.usage)
-        response.tool_calls = [
-            ToolCall(builder["id"] or "call_%d" % number, builder["name"],
-                     "".join(builder["arguments"]), builder["type"] or "function")
-            for number, builder in enumerate(self.builders)]
+        response.tool_calls = calls
         response.reasoning = "".join(self.reasoning)
         response.refusal = "".join(self.refusal)
         response._reasoning_field = self.reasoning_field
@@ -2089,7 +2123,8 @@ class _Assembler:
         response.logprobs = self.logprobs
         return response
 
-    def _ending(self, error: str, cancelled: bool, secrets: "List[str]") -> Response:
+    def _ending(self, error: str, cancelled: bool, secrets: "List[str]",
+                calls: "List[ToolCall]") -> Response:
         """A Response with the content and the stop reason (any server's synonym read)."""
         content = "".join(self.content)
         if cancelled:
@@ -2098,8 +2133,10 @@ class _Assembler:
             return Response(content, "error", _one_line(_redact(error, secrets)))
         finish = self.finish or "stop"
         reason = _STOP_REASONS.get(finish.lower()) or _redact(finish, secrets)
-        if reason == "stop" and self.builders:
+        if reason == "stop" and calls:
             reason = "tool_calls"  # some servers say "stop" when they call tools
+        elif reason == "tool_calls" and not calls:
+            reason = "stop"  # and some say "tool_calls" when they call none
         elif reason == "stop" and self.refusal:
             reason = "refusal"  # the model declined: say so, not an empty success
         if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
@@ -2586,6 +2623,9 @@ def _without_reasoning(message: "Dict[str, Any]") -> "Dict[str, Any]":
     """Plain chat history: some servers refuse their own reasoning sent back."""
     message.pop("reasoning_content", None)
     message.pop("reasoning", None)
+    if isinstance(message["content"], list):  # thinking sent as content parts (Mistral's)
+        message["content"] = "".join(part["text"] for part in message["content"]
+                                     if part["type"] == "text")
     return message
 
 

@@ -489,10 +489,12 @@ class AssemblerTest(unittest.TestCase):
                     "function_call": "tool_calls", "content_filter": "content_filter",
                     "safety": "content_filter", "recitation": "content_filter",
                     "prohibited_content": "content_filter"}
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
         for said, meant in synonyms.items():
+            fields = {"tool_calls": [dict(call, index=0)]} if meant == "tool_calls" else {}
             for spelling in (said, said.upper(), said.title()):
-                self.assertEqual(assemble(delta("x", spelling)).stop_reason, meant, spelling)
-                self.assertEqual(assemble_whole(message("x", spelling)).stop_reason, meant, spelling)
+                self.assertEqual(assemble(delta("x", spelling, **fields)).stop_reason, meant, spelling)
+                self.assertEqual(assemble_whole(message("x", spelling, **fields)).stop_reason, meant, spelling)
 
     def test_an_unknown_stop_reason_passes_through_unchanged(self):
         reply = assemble(delta("x", "Paused_By_Provider"))
@@ -650,6 +652,81 @@ class AssemblerTest(unittest.TestCase):
             self.assertEqual(reply.to_message(), {"role": "assistant", "content": "4", field: "thinking"})
             whole = assemble_whole(message("4", **{field: "thinking"}))
             self.assertEqual((whole.reasoning, whole._reasoning_field), ("thinking", field))
+
+    def test_reasoning_sent_under_both_names_counts_once(self):
+        # vLLM 0.11.1 to 0.15 copies `reasoning` into the deprecated `reasoning_content` of
+        # every delta and message (a validator of DeltaMessage and ChatMessage in
+        # vllm/entrypoints/openai/protocol.py), and sends "reasoning_content": null beside text
+        streamed = assemble(delta(role="assistant", content="", reasoning_content=None),
+                            delta(reasoning="Okay, the user", reasoning_content="Okay, the user"),
+                            delta(reasoning=" wants", reasoning_content=" wants"),
+                            delta("Hello", reasoning_content=None), delta("", "stop", reasoning_content=None))
+        whole = assemble_whole(message("Hello", reasoning="Okay, the user wants",
+                                       reasoning_content="Okay, the user wants"))
+        for reply in (streamed, whole):
+            self.assertEqual((reply.reasoning, reply.content), ("Okay, the user wants", "Hello"))
+            self.assertEqual(reply.to_message(), {"role": "assistant", "content": "Hello",
+                                                  "reasoning": "Okay, the user wants"})
+        # no server is known to send different text under the two names: both are kept, the
+        # older name's first, under the current name
+        reply = assemble(delta(reasoning_content="a", reasoning="b"), delta("x", "stop"))
+        self.assertEqual((reply.reasoning, reply._reasoning_field), ("ab", "reasoning"))
+
+    def test_thinking_sent_as_content_parts_is_reasoning(self):
+        # Mistral's reasoning models: content as a list of parts, the thinking in a "thinking"
+        # part of text chunks (mistralai/client-python's ThinkChunk; streamed deltas as recorded
+        # from api.mistral.ai with magistral-medium-2509 in BerriAI/litellm issue 16272)
+        def thinking(*texts, **fields):
+            return dict({"type": "thinking", "thinking": [{"type": "text", "text": t} for t in texts]}, **fields)
+        streamed = fed(delta([thinking("Let me", closed=False)]), delta([thinking(" reason.")]),
+                       delta([thinking(), {"type": "text", "text": "The answer"}]),
+                       delta(" is 42.", "stop"), llm._DONE)
+        self.assertEqual(streamed.reasoning, ["Let me", " reason."])
+        whole = assemble_whole(message([thinking("Let me reason."), {"type": "text", "text": "The answer is 42."}]))
+        for reply in (streamed.response(), whole):
+            self.assertEqual((reply.reasoning, reply.content), ("Let me reason.", "The answer is 42."))
+            # back in history in the shape the server used
+            self.assertEqual(reply.to_message(), {"role": "assistant", "content": [
+                thinking("Let me reason."), {"type": "text", "text": "The answer is 42."}]})
+
+    def test_a_call_with_no_name_and_no_arguments_is_no_call(self):
+        # gateways that serialise every field (Go structs without omitempty) send an empty
+        # function_call beside a plain answer (Snowflake Cortex, Tencent CodeBuddy upstreams)
+        empty_legacy = {"name": "", "arguments": ""}
+        replies = {
+            "legacy, streamed": assemble(delta("Hi", reasoning_content="", refusal="", tool_calls=[]),
+                                         delta("", "stop", role="assistant", function_call=empty_legacy)),
+            "legacy, whole": assemble_whole(message("Hi", function_call=empty_legacy, tool_calls=[])),
+            "entry, streamed": assemble(delta("Hi", tool_calls=[fragment(0, "", "", "")]), delta(finish="stop")),
+            "entry, whole": assemble_whole(message("Hi", tool_calls=[{"id": "", "type": "function",
+                                                                       "function": {"name": "", "arguments": ""}}])),
+            "entry without a function": assemble(delta("Hi", tool_calls=[{"index": 0}]), delta(finish="stop")),
+        }
+        for name, reply in replies.items():
+            with self.subTest(name):
+                self.assertEqual((reply.content, reply.stop_reason, reply.tool_calls), ("Hi", "stop", []))
+                self.assertEqual(reply.to_message(), {"role": "assistant", "content": "Hi"})
+
+    def test_an_empty_legacy_call_beside_real_tool_calls_changes_nothing(self):
+        # the finish chunk of such a gateway carries the empty placeholder after real calls
+        reply = assemble(delta(tool_calls=[fragment(0, "c1", "f", '{"a": 1}')]),
+                         delta("", "tool_calls", function_call={"name": "", "arguments": ""}))
+        self.assertEqual((calls(reply), reply._legacy_call), ([("c1", "f", '{"a": 1}', "function")], False))
+        self.assertEqual(reply.to_message()["tool_calls"][0]["function"], {"name": "f", "arguments": '{"a": 1}'})
+
+    def test_a_call_with_arguments_but_no_name_is_an_error_keeping_it(self):
+        for reply in (assemble(delta(tool_calls=[fragment(0, "c1", None, '{"a": 1}')]), delta(finish="tool_calls")),
+                      assemble_whole(message(None, "function_call", function_call={"arguments": "{}"}))):
+            self.assertEqual(reply.stop_reason, "error")
+            self.assertIn("a tool call without a name", reply.error)
+            self.assertEqual(len(reply.tool_calls), 1)  # nothing lost
+
+    def test_tool_calls_said_but_none_sent_is_stop(self):
+        # LM Studio has answered finish_reason "tool_calls" with no call (anomalyco/opencode PR 5139):
+        # a tool loop that runs while stop_reason is "tool_calls" would ask again for ever
+        for reply in (assemble(delta("Done."), delta(finish="tool_calls")),
+                      assemble_whole(message("Done.", "tool_calls"))):
+            self.assertEqual((reply.stop_reason, reply.content), ("stop", "Done."))
 
     def test_content_as_a_list_of_parts(self):
         parts = [{"type": "text", "text": "Hel"}, {"type": "image_url", "image_url": {}}, "junk",
@@ -987,7 +1064,8 @@ class StreamingTest(LoopbackCase):
             def answer_of(request):  # each call names the cut it asks for
                 cut = cuts[int(request.json()["messages"][-1]["content"])]
                 parts = [body] if cut is None else [body[:cut], body[cut:]]
-                return [head()] + [chunk(part) for part in parts] + [END]
+                # one send: http.client reads a chunked body one chunk at a time, whatever came
+                return [head() + b"".join(chunk(part) for part in parts) + END]
             client = self.client(self.serve(answer_of))
             for number, cut in enumerate(cuts):
                 with self.subTest(late=late[:24], cut=cut):
@@ -1038,6 +1116,22 @@ class StreamingTest(LoopbackCase):
         body = b"data: keep-alive\n\n" + event(delta("a", "stop")) + b"data: [DONE]\n\n"
         self.assertEqual(self.stream(raw_sse(body))[0].content, "a")
 
+    def test_a_reply_that_is_neither_json_nor_events_says_what_it_is(self):
+        # Ollama answers its root with a 200 "Ollama is running" in text/plain; proxies and
+        # wrong base URLs answer with pages of HTML
+        bodies = [("text/plain", b"Ollama is running"), ("text/plain; charset=utf-8", b"Hello world\n"),
+                  ("", b"upstream said: nothing to see"), ("text/html", b"<html>hi</html>")]
+        for kind, body in bodies:
+            for stream in (False, True):
+                with self.subTest(kind=kind, stream=stream):
+                    server = self.serve([head(200, kind or None, chunked=False, length=len(body)) + body])
+                    client = self.client(server)
+                    response = client.chat_stream(HI, Writes()) if stream else client.chat(HI)
+                    self.assertEqual((response.stop_reason, response.status), ("error", 200))
+                    self.assertEqual(response.error, "the server answered with %s, not %s: %s" % (
+                        kind or "no content type", "an event stream" if stream else "JSON",
+                        body.decode().strip()))
+
     def test_html_answer_is_an_error(self):
         server = self.serve([head(200, "text/html", chunked=False, length=15) + b"<html>hi</html>"])
         response = self.client(server).chat_stream(HI, Writes())
@@ -1059,10 +1153,12 @@ class StopReasonTest(LoopbackCase):
                  ("stop_sequence", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"),
                  ("function_call", "tool_calls"), ("STOP", "stop"), ("SAFETY", "content_filter"),
                  ("something_new", "something_new")]
+        call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
         for sent, expected in cases:
             with self.subTest(sent=sent):
-                self.assertEqual(self.stream(sse(delta("a", sent)))[0].stop_reason, expected)
-                server = self.serve(answer(message("a", sent)))
+                fields = {"tool_calls": [call]} if expected == "tool_calls" else {}
+                self.assertEqual(self.stream(sse(delta("a", sent, **fields)))[0].stop_reason, expected)
+                server = self.serve(answer(message("a", sent, **fields)))
                 self.assertEqual(self.client(server).chat(HI).stop_reason, expected)
 
     def test_done_without_finish_reason_is_stop(self):
@@ -1184,6 +1280,28 @@ class ReasoningTest(LoopbackCase):
         response = self.client(server).chat_stream(HI, Both())
         self.assertEqual(seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
         self.assertEqual(response.reasoning, "hmm ok")
+
+    def test_reasoning_under_both_names_and_thinking_parts_reach_the_writer_once(self):
+        # vLLM 0.11.1 to 0.15 (both names, in sync); Mistral's thinking content parts
+        thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "ok"}]}
+        streams = {"both names": sse(delta(reasoning="hmm ", reasoning_content="hmm "),
+                                     delta(reasoning="ok", reasoning_content="ok"),
+                                     delta("yes", reasoning_content=None), delta("", "stop")),
+                   "thinking parts": sse(delta([dict(thinking, thinking=[{"type": "text", "text": "hmm "}])]),
+                                         delta([thinking, {"type": "text", "text": "yes"}]), delta("", "stop"))}
+        for name, steps in streams.items():
+            with self.subTest(name):
+                seen = []
+
+                class Both(Writes):
+                    def write_reasoning(self, text):
+                        seen.append(("reasoning", text))
+
+                    def write(self, text):
+                        seen.append(("content", text))
+                response = self.client(self.serve(steps)).chat_stream(HI, Both())
+                self.assertEqual(seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
+                self.assertEqual((response.reasoning, response.content), ("hmm ok", "yes"))
 
     def test_a_failing_reasoning_writer_ends_the_call(self):
         class Failing(Writes):

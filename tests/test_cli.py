@@ -601,6 +601,23 @@ class ChatLoopTest(CommandLineCase):
         terminal.type("/exit\n")
         self.assertEqual(terminal.wait(), 0)
 
+    def test_reasoning_stays_out_of_the_history_whatever_its_shape(self):
+        thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "Hmm."}]}
+        server = self.serve(sse(delta([thinking, {"type": "text", "text": "Hi!"}], "stop")),
+                            sse(delta("Bye.", "stop", reasoning="Hmm.", reasoning_content="Hmm.")),
+                            sse(delta("Done.", "stop")))
+        terminal = self.terminal("--base-url", server.url)
+        terminal.expect("> ")
+        for line in ("Hello\n", "Go on\n", "End\n"):
+            terminal.type(line)
+            terminal.expect("> ")
+        self.assertEqual(server.requests[2].json()["messages"], [
+            {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": "Go on"}, {"role": "assistant", "content": "Bye."},
+            {"role": "user", "content": "End"}])
+        terminal.type("/exit\n")
+        self.assertEqual(terminal.wait(), 0)
+
     def test_a_failed_turn_is_reported_and_dropped_from_history(self):
         server = self.serve(answer({"error": "overloaded"}, 503), sse(delta("Fine.", "stop")))
         terminal = self.terminal("--base-url", server.url)
