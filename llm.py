@@ -91,6 +91,7 @@ _SSE_STARTS = (b":", b"data", b"event", b"id", b"retry", b"error")  # how an eve
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
+_USAGE_FIELDS = frozenset(("stream_options", "stream_options.include_usage", "include_usage"))
 
 
 # ---------------------------------------------------------------- public types
@@ -1233,7 +1234,7 @@ class _Exchange:
             message, raw = self._error_of(answer, data is not None)
             if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
                     and answer.status in (400, 422)
-                    and ("stream_options" in raw or "include_usage" in raw)):
+                    and not _named_fields(raw).isdisjoint(_USAGE_FIELDS)):
                 client._stream_usage = False  # this server rejects it: remember, resend once
                 del body["stream_options"]
                 data = _encode(body)
@@ -2233,6 +2234,50 @@ def _server_message(body: bytes) -> str:
     if not text or text[:1] == "<":
         return ""
     return text
+
+
+# how a server names the request field it refuses, in words
+_NAMING = (r"""(?:parameter|argument)s?(?: supplied)?:\s*['"`]?([a-z_][\w.]*)"""  # Unknown parameter: 'x'
+           r"""|field ['"`]([a-z_][\w.]*)['"`]"""  # llama.cpp: Field 'x': ...
+           r"""|['"`]([a-z_][\w.]*)['"`] must be"""  # LM Studio: 'x' must be ...
+           r"""|([a-z_][\w.]*):?\s+extra inputs are not permitted"""  # pydantic's own words
+           r"""|['"]loc['"]:\s*[\[(]\s*['"]body['"],\s*['"]([a-z_][\w.]*)['"]""")  # FastAPI, as text
+
+
+def _named_fields(raw: str) -> "Set[str]":
+    """The request fields that an error answer (its text, lower case) names as wrong.
+
+    Read from its ``param``, the ``loc`` of FastAPI's validation errors, and the
+    words of its messages ("Unknown parameter: 'x'", "'x' must be ..."); never
+    from a request body it echoes (FastAPI's ``input``, which vLLM puts in its
+    message as Python text), where every field of the request appears.
+    """
+    import re  # loaded by json already
+
+    try:
+        parsed = _json(raw)
+    except (ValueError, RecursionError):
+        parsed = raw  # plain text: its words
+    names = set()  # type: Set[str]
+    texts = []  # type: List[str]
+    pending = [(parsed, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            texts.append(re.sub(r"""['"]input['"]:.*""", "", value, flags=re.S))  # no echo
+        elif isinstance(value, dict) and depth < 5:
+            if isinstance(value.get("param"), str):
+                names.add(value["param"])
+            loc = value.get("loc")
+            if isinstance(loc, list) and loc[:1] == ["body"] and len(loc) > 1:
+                names.add(".".join(str(part) for part in loc[1:]))
+            pending += [(value.get(key), depth + 1) for key in ("error", "message", "detail", "msg")]
+        elif isinstance(value, list) and depth < 5:
+            pending += [(item, depth + 1) for item in value[:16]]
+    for text in texts:
+        for found in re.findall(_NAMING, text):
+            names.update(name for name in found if name)
+    return names
 
 
 def _message_of(value: "Any", depth: int = 0) -> str:

@@ -1009,6 +1009,68 @@ class StreamingTest(LoopbackCase):
         client.chat_stream(HI, Writes())  # remembered for this client
         self.assertNotIn("stream_options", server.requests[2].json())
 
+    def test_only_the_servers_own_word_turns_stream_options_off(self):
+        # what servers answer when they refuse stream_options (each names the field)
+        refusals = {
+            # FastAPI's own 422 for a strict model (pydantic 2; extra="forbid")
+            "FastAPI": (422, {"detail": [{"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                                          "msg": "Extra inputs are not permitted",
+                                          "input": {"include_usage": True}}]}),
+            # Mistral's API, 2024-04 (Gage-Technologies/mistral-go issue 3)
+            "Mistral": (422, {"object": "error", "message": {"detail": [
+                {"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                 "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]},
+                "type": "invalid_request_error", "param": None, "code": None}),
+            # Mistral's API, 2024-01: the errors as a JSON string (mistralai/platform-docs-public 7)
+            "Mistral, as text": (422, {"object": "error", "message": json.dumps({"detail": [
+                {"type": "extra_forbidden", "loc": ["body", "stream_options"],
+                 "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]}),
+                "type": "internal_error_proxy", "param": None, "code": "1000"}),
+            # Azure OpenAI, older api-versions (openai/openai-python issue 1469; agno issue 1066)
+            "Azure": (400, {"error": {"code": None, "message": "Unrecognized request argument supplied:"
+                                      " stream_options", "param": None, "type": "invalid_request_error"}}),
+            "Azure, later": (400, {"error": {"message": "Unknown parameter: 'stream_options'.",
+                                             "type": "invalid_request_error", "param": "stream_options",
+                                             "code": "unknown_parameter"}}),
+            # pydantic's own words, as servers built on it pass them on
+            "pydantic": (400, {"object": "error", "message": "1 validation error for ChatCompletionRequest\n"
+                               "stream_options\n  Extra inputs are not permitted [type=extra_forbidden,"
+                               " input_value={'include_usage': True}, input_type=dict]", "code": 400}),
+        }
+        # mistakes that are not about stream_options, in answers that echo the request body
+        sent = {"model": "m", "messages": HI, "stream": True, "stream_options": {"include_usage": True},
+                "tool_choice": "auto"}
+        unrelated = {
+            # FastAPI's 422 for a model validator: loc ["body"], and the whole body as "input"
+            "FastAPI": (422, {"detail": [{"type": "value_error", "loc": ["body"],
+                                          "msg": "Value error, When using `tool_choice`, `tools` must be set.",
+                                          "input": sent}]}),
+            # vLLM answers validation errors with a 400 whose message is their Python repr
+            # (its RequestValidationError handler, vllm/entrypoints/openai/api_server.py)
+            "vLLM": (400, {"error": {"message": "[{'type': 'value_error', 'loc': ('body',), 'msg': 'Value"
+                                     " error, When using `tool_choice`, `tools` must be set.', 'input': %r}]"
+                                     % (sent,), "type": "Bad Request", "param": None, "code": 400}}),
+            "plain text": (400, "bad tool_choice in {\"stream_options\": {\"include_usage\": true}}"),
+        }
+        for name, (status, body) in refusals.items():
+            with self.subTest(refusal=name):
+                server = self.serve(answer(body, status) if isinstance(body, dict) else
+                                    [head(status, "text/plain", chunked=False, length=len(body)) + body.encode()],
+                                    sse(delta("ok", "stop")))
+                response = self.client(server).chat_stream(HI, Writes())
+                self.assertEqual((response.content, response.error), ("ok", ""))
+                self.assertEqual(["stream_options" in r.json() for r in server.requests], [True, False])
+        for name, (status, body) in unrelated.items():
+            with self.subTest(unrelated=name):
+                steps = answer(body, status) if isinstance(body, dict) else [
+                    head(status, "text/plain", chunked=False, length=len(body)) + body.encode()]
+                server = self.serve(steps, sse(delta("ok", "stop")))
+                client = self.client(server)
+                response = client.chat_stream(HI, Writes(), tool_choice="auto")
+                self.assertEqual((response.stop_reason, len(server.requests)), ("error", 1))
+                self.assertEqual(client.chat_stream(HI, Writes()).content, "ok")
+                self.assertIn("stream_options", server.requests[1].json())  # still asked for
+
     def test_stream_options_given_by_the_caller_are_not_dropped(self):
         rejection = answer({"error": {"message": "stream_options: not permitted"}}, status=400)
         server = self.serve(rejection, sse(delta("ok", "stop")))
