@@ -4,6 +4,7 @@ Usage:
     python relay.py                          # then open http://127.0.0.1:8000
     python relay.py --port 8080 --model llama3.2 --base-url http://localhost:11434
     python relay.py --host 192.168.1.20      # reachable from other machines at that address
+    python relay.py --host 0.0.0.0           # at every address and name of this machine
 
 ``GET /`` is the page. The page posts the conversation to ``POST /chat`` as
 ``{"messages": [...]}``, and the server relays ``client.chat_stream`` to it
@@ -28,6 +29,7 @@ import argparse
 import ipaddress
 import json
 import os
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -151,22 +153,33 @@ stopButton.addEventListener("click", () => controller && controller.abort());
 
 
 def served_hosts(address, port):
-    """The Host headers this server answers to: its address, and localhost names on loopback."""
+    """The Host headers this server answers to: its address, and localhost names on loopback.
+
+    Bound to every address (0.0.0.0 or ::), it also answers to the machine's own
+    names; and to the address each request reached (see Relay.refused).
+    """
     names = ["[%s]" % address if ":" in address else address]
     if ipaddress.ip_address(address).is_loopback:
         names += ["localhost", "127.0.0.1", "[::1]"]
+    if ipaddress.ip_address(address).is_unspecified:
+        names += ["localhost", socket.gethostname().lower(), socket.getfqdn().lower()]
     return {"%s:%d" % (name, port) for name in names} | (set(names) if port == 80 else set())
 
 
 class Relay(BaseHTTPRequestHandler):
     client = None  # the llm.Client, set by main()
     hosts = set()  # served_hosts(), set by main()
+    everywhere = False  # bound to every address of the machine
+    timeout = 30  # seconds a page may take to send a request: a slow one cannot hold a thread
     server_version = "relay.py"
 
     def refused(self):
         """Refuse a request for another host or from another site; True when refused."""
         host = self.headers.get("Host", "").lower()
-        if host not in self.hosts:
+        hosts = self.hosts
+        if self.everywhere:  # the address this request reached is one of the machine's own
+            hosts = hosts | served_hosts(self.connection.getsockname()[0], self.server.server_address[1])
+        if host not in hosts:
             self.send_error(421, "not a name of this server")
         elif (self.headers.get("Origin", "http://" + host) != "http://" + host
               or self.headers.get("Sec-Fetch-Site", "none") not in ("same-origin", "none")):
@@ -194,7 +207,10 @@ class Relay(BaseHTTPRequestHandler):
             return self.send_error(404)
         if self.headers.get_content_type() != "application/json":
             return self.send_error(415, "post JSON (Content-Type: application/json)")
-        messages = self.read_messages()
+        try:
+            messages = self.read_messages()
+        except OSError:  # the body did not come in time
+            return self.send_error(408, "the request took too long to arrive")
         if messages is None:
             return self.send_error(400, 'expected {"messages": [{"role": ..., "content": ...}]}')
         self.send_response(200)
@@ -231,7 +247,11 @@ def main():
     parser.add_argument("--base-url", help="the LLM server (default: LLM_BASE_URL)")
     parser.add_argument("--model", help="the model (default: LLM_MODEL)")
     parser.add_argument("--system", help="a system prompt")
+    parser.add_argument("--request-timeout", type=float, default=30, metavar="SECONDS",
+                        help="how long a page may take to send its request, or to take a"
+                        " piece of the reply (default 30)")
     options = parser.parse_args()
+    Relay.timeout = options.request_timeout
     Relay.client = llm.Client(options.base_url, model=options.model, system=options.system)
     try:
         server = ThreadingHTTPServer((options.host, options.port), Relay)
@@ -242,6 +262,7 @@ def main():
     server.daemon_threads = True
     host, port = server.server_address[:2]
     Relay.hosts = served_hosts(host, port)
+    Relay.everywhere = ipaddress.ip_address(host).is_unspecified
     print("serving http://%s:%d/ (relaying to %s)" % (host, port, Relay.client.base_url),
           file=sys.stderr, flush=True)
     try:

@@ -339,9 +339,9 @@ class ToolsTest(ExampleCase):
 
 
 class RelayTest(ExampleCase):
-    def start_relay(self, server):
+    def start_relay(self, server, *options):
         process = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "relay.py"), "--port", "0",
-                                    "--base-url", server.url, "--model", "m"],
+                                    "--base-url", server.url, "--model", "m"] + list(options),
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, env=environment())
         self.addCleanup(self.stop_relay, process)
@@ -355,7 +355,7 @@ class RelayTest(ExampleCase):
             if not byte:
                 self.fail("relay.py ended: %r" % line)
             line += byte
-        self.assertTrue(line.startswith(b"serving http://127.0.0.1:"), line)
+        self.assertTrue(line.startswith(b"serving http://"), line)
         self.relay = process
         return int(line.split(b":")[2].split(b"/")[0])
 
@@ -477,6 +477,52 @@ class RelayTest(ExampleCase):
                 self.assertIn(b'fetch("/chat"', page)
                 status, body = self.post_raw(port, b"Host: " + host + b"\r\nContent-Type: application/json\r\n")
                 self.assertEqual((status, body.count(b"data: ")), (200, 2))
+
+    def status_via(self, address, port, host):
+        """The status of GET / sent to address:port with this Host header."""
+        connection = socket.create_connection((address, port), timeout=WAIT)
+        self.addCleanup(connection.close)
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        return int(connection.recv(65536).split()[1])
+
+    def test_on_every_address_the_machines_own_names_and_addresses_are_served(self):
+        server = self.serve(sse(delta("x", "stop")))
+        port = self.start_relay(server, "--host", "0.0.0.0")
+        reached = [("127.0.0.1", name) for name in ("127.0.0.1", "localhost", "0.0.0.0", socket.gethostname())]
+        try:  # an address of this machine other than loopback, when it has one
+            outer = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            outer = "127.0.0.1"
+        if not outer.startswith("127."):
+            reached.append((outer, outer))
+        for address, name in reached:
+            with self.subTest(address=address, name=name):
+                self.assertEqual(self.status_via(address, port, "%s:%d" % (name, port)), 200)
+        for host in ("evil.example:%d" % port, "127.0.0.1.nip.io:%d" % port, "127.0.0.1"):
+            with self.subTest(host=host):
+                self.assertEqual(self.status_via("127.0.0.1", port, host), 421)
+
+    def test_a_request_that_never_finishes_arriving_does_not_hold_the_server(self):
+        server = self.serve(sse(delta("x", "stop")))
+        port = self.start_relay(server, "--request-timeout", "1")
+        requests = {b"HTTP/1.0 408": b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type:"
+                                      b" application/json\r\nContent-Length: 100\r\n\r\n{\"mess" % port,
+                    b"": b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port}  # headers cut short
+        for expected, request in requests.items():
+            with self.subTest(expected=expected):
+                connection = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+                self.addCleanup(connection.close)
+                connection.sendall(request)  # and nothing more: the relay gives up, and closes
+                reply = b""
+                for _ in range(100):
+                    data = connection.recv(65536)
+                    if not data:
+                        break
+                    reply += data
+                self.assertTrue(reply.startswith(expected), reply)
+        status, body = self.post_raw(port, b"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n")
+        self.assertEqual((status, body.count(b"data: ")), (200, 2))
+        self.assertEqual(len(server.requests), 1)
 
     def test_cross_site_requests_are_refused(self):
         server = self.serve(sse(delta("x", "stop")))
