@@ -1644,7 +1644,9 @@ else:
         expected = {
             "content": "".join(text for _, text in chunks),
             "reasoning": "".join(thoughts),
-            "calls": [(call_id, name, "".join(fragments)) for call_id, name, fragments in calls],
+            # a call with neither a name nor arguments is no call; one with no name, a failure
+            "calls": [(call_id, name, "".join(fragments)) for call_id, name, fragments in calls
+                      if name or "".join(fragments)],
             "finish": finish,
             "usage": usage,
         }
@@ -1655,6 +1657,10 @@ else:
         reason = llm._STOP_REASONS.get(finish.lower(), finish) if finish else "stop"
         if reason.lower() in ("error", "cancelled"):  # the server's failure
             return "error"
+        if any(not name for _, name, _ in expected["calls"]):  # a call that cannot be run
+            return "error"
+        if reason == "tool_calls" and not expected["calls"]:  # no call came: nothing to run
+            return "stop"
         return "tool_calls" if reason == "stop" and expected["calls"] else reason
 
     def whole_reply(expected):
