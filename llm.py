@@ -42,7 +42,8 @@ from urllib.parse import quote as _quote, urlsplit as _urlsplit  # loaded by htt
 
 _TYPE_CHECKING = False  # typing costs import time; only the type checker reads these
 if _TYPE_CHECKING:
-    from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple, Union
+    from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Protocol, Set,
+                        Tuple, Union)
 
     class _Writer(Protocol):
         """Anything with ``write(str)``: a file, ``sys.stdout``, an SSEWriter..."""
@@ -88,6 +89,7 @@ _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes //
 # what a delta may carry beside its text
 _ASIDES = frozenset(("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal"))
 _SSE_STARTS = (b":", b"data", b"event", b"id", b"retry", b"error")  # how an event stream begins
+_THINK_STARTS = "< \t\r\n"  # how content that begins with a <think> block may begin
 _DONE = object()  # the payload of ``data: [DONE]``
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
@@ -206,12 +208,23 @@ class Response:
     chunks), else ``None``; ``first_token_seconds``: seconds from the start
     of the call until the first token (text, reasoning or a tool call) came,
     ``None`` if none came; ``total_seconds``: seconds the whole call took,
-    retries included.
+    retries included; ``timings``: the server's own timing numbers when it
+    sent them (llama.cpp's ``timings``), else ``None``.
+    ``warnings``: short sentences about what the server did to an answer (a
+    prompt it probably cut, a limit it ignored, ...) and what the client
+    adjusted; empty when nothing is wrong. ``error_kind``: for a failed call
+    (``stop_reason "error"``) one of ``"context_overflow"``, ``"auth"``,
+    ``"rate_limit"``, ``"not_found"``, ``"bad_request"``, ``"server"``,
+    ``"network"``, ``"timeout"``, ``"too_large"``, ``"invalid_reply"``,
+    ``"output"``, ``"unexpected"``; else ``""``. ``overflow``: for a context
+    overflow, ``{"prompt_tokens": ..., "context_length": ...}`` as far as the
+    server said them, else ``None``.
     """
 
     __slots__ = ("content", "role", "stop_reason", "error", "status", "usage",
                  "tool_calls", "reasoning", "refusal", "model", "id", "headers", "logprobs",
-                 "first_token_seconds", "total_seconds", "_reasoning_field", "_legacy_call")
+                 "first_token_seconds", "total_seconds", "timings", "warnings", "error_kind",
+                 "overflow", "_reasoning_field", "_legacy_call")
 
     def __init__(self, content: str = "", stop_reason: str = "stop", error: str = "") -> None:
         self.content, self.stop_reason, self.error = content, stop_reason, error
@@ -225,6 +238,10 @@ class Response:
         self.logprobs = None  # type: Optional[List[Any]]
         self.first_token_seconds = None  # type: Optional[float]
         self.total_seconds = 0.0
+        self.timings = None  # type: Optional[Dict[str, Any]]
+        self.warnings = []  # type: List[str]
+        self.error_kind = ""
+        self.overflow = None  # type: Optional[Dict[str, int]]
         self._reasoning_field = "reasoning_content"
         self._legacy_call = False  # the server used the older function_call shape
 
@@ -380,6 +397,8 @@ class Client:
     ``params``: default request parameters (``{"temperature": 0}``), under
     those of each call. ``stream_usage``: ask for token usage when
     streaming. ``max_bytes``: the largest response body accepted.
+    ``think_tags``: a ``<think>...</think>`` block at the start of the content
+    is reasoning (``False``: the content exactly as sent).
 
     Building a client never raises: a bad argument is reported by every call.
     """
@@ -391,7 +410,7 @@ class Client:
                  verify: "Union[bool, str, os.PathLike[str], None]" = True,
                  ca_file: "Optional[str]" = None,
                  params: "Optional[Dict[str, Any]]" = None, stream_usage: bool = True,
-                 max_bytes: int = _MAX_BYTES) -> None:
+                 max_bytes: int = _MAX_BYTES, think_tags: bool = True) -> None:
         self._problem = ""
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -402,6 +421,8 @@ class Client:
         self.base_url = self.model = self.system = ""
         self._api_key = ""
         self._secrets = []  # type: List[str]  # every form in which a secret may come back
+        self._refused = set()  # type: Set[str]  # what this server refused: adjusted in every call
+        self._think_tags = bool(think_tags)
         try:
             self._configure(base_url, model, api_key, system, timeout, deadline, headers,
                             retries, verify, ca_file, params, stream_usage, max_bytes)
@@ -439,8 +460,10 @@ class Client:
         else:
             problem = "got %s" % type(out).__name__
         if not callable(write):
-            return Response("", "error", _one_line(_redact(
+            refused = Response("", "error", _one_line(_redact(
                 "out must have a write(str) method, " + problem, self._secrets)))
+            refused.error_kind = "bad_request"
+            return refused
         call = _Call(self, stream=True)
         call.on_reasoning = on_reasoning
         pieces = call.run(call.chat(messages, params))
@@ -450,7 +473,7 @@ class Client:
                 if flush is not None:
                     flush()
         except Exception as exc:  # the writer failed; the generator itself never raises
-            call.error = "writing the reply failed: " + _describe(exc)
+            call.error, call.kind = "writing the reply failed: " + _describe(exc), "output"
             pieces.close()  # type: ignore[attr-defined]
         response = call.response()
         if isinstance(out, SSEWriter):
@@ -458,7 +481,7 @@ class Client:
                 out._finish(response)
             except Exception as exc:
                 if response.ok:
-                    response.stop_reason = "error"
+                    response.stop_reason, response.error_kind = "error", "output"
                     response.error = _one_line(_redact(
                         "writing the reply failed: " + _describe(exc), self._secrets))
         return response
@@ -562,7 +585,8 @@ class Client:
         body.update(params)
         body["messages"] = _checked_messages(messages, self.system)
         body["stream"] = stream
-        if stream and self._stream_usage and "stream_options" not in body:
+        if (stream and self._stream_usage and "stream_options" not in body
+                and "stream_options" not in self._refused):
             body["stream_options"] = _ASK_USAGE
         return {key: value for key, value in body.items() if value is not None}
 
@@ -892,18 +916,18 @@ def _is_loopback(host: str) -> bool:
 def _checked_messages(messages: "Any", system: str) -> "List[Any]":
     if not isinstance(messages, (list, tuple)):
         raise _Failure('messages must be a list such as [{"role": "user", "content": "Hi"}],'
-                       " got %s" % type(messages).__name__)
+                       " got %s" % type(messages).__name__, "bad_request")
     for number, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _Failure("messages[%d] must be a dict with a role, got %s"
-                           % (number, type(message).__name__))
+                           % (number, type(message).__name__), "bad_request")
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise _Failure("messages[%d] has no role" % number)
+            raise _Failure("messages[%d] has no role" % number, "bad_request")
         content = message.get("content")
         for part in content if isinstance(content, list) else [content]:
             if isinstance(part, _BadPart):
-                raise _Failure("messages[%d]: %s" % (number, part.problem))
+                raise _Failure("messages[%d]: %s" % (number, part.problem), "bad_request")
     if system and not (messages and messages[0].get("role") == "system"):
         return [{"role": "system", "content": system}] + list(messages)
     return list(messages)
@@ -917,7 +941,7 @@ def _encode(body: "Dict[str, Any]") -> bytes:
     try:
         text = _encoder.encode(body)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise _Failure("the request cannot be sent as JSON: %s" % exc)
+        raise _Failure("the request cannot be sent as JSON: %s" % exc, "bad_request")
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates are no UTF-8: send U+FFFD instead
@@ -928,11 +952,23 @@ def _encode(body: "Dict[str, Any]") -> bytes:
 
 
 class _Failure(Exception):
-    """What went wrong, as the one line that ``Response.error`` will carry."""
+    """What went wrong, as the one line that ``Response.error`` will carry, and its kind.
 
-    def __init__(self, message: str, retryable: bool = False) -> None:
+    ``kind`` is one of ``Response.error_kind``'s values; ``overflow`` the numbers a
+    server gave with a context overflow.
+    """
+
+    def __init__(self, message: str, kind: str, retryable: bool = False,
+                 overflow: "Optional[Dict[str, int]]" = None) -> None:
         Exception.__init__(self, message)
-        self.retryable = retryable
+        self.kind, self.retryable, self.overflow = kind, retryable, overflow
+
+
+class _Cancelled(_Failure):
+    """The call was cancelled, or its deadline passed (run() tells which)."""
+
+    def __init__(self) -> None:
+        _Failure.__init__(self, "cancelled", "")
 
 
 class _Call:
@@ -944,16 +980,20 @@ class _Call:
     :class:`_Guard`'s, and what the reply means the :class:`_Assembler`'s.
     """
 
+    # where each call starts (set on the instance as the call goes)
+    body = None  # type: Optional[Dict[str, Any]]  # the request, as sent
+    on_reasoning = None  # type: Any  # out.write_reasoning, when out has it
+    shown = 0  # reasoning pieces given to on_reasoning
+    error = kind = ""  # how the call failed: Response.error and error_kind
+    overflow = None  # type: Optional[Dict[str, int]]
+    started = seconds = 0.0
+    first_token = None  # type: Optional[float]
+
     def __init__(self, client: Client, stream: bool) -> None:
         self.client = client
         self.guard = _Guard(client)
         self.exchange = _Exchange(client, stream, self.guard)
-        self.assembler = _Assembler(client._max_bytes)
-        self.on_reasoning = None  # type: Any  # out.write_reasoning, when out has it
-        self.shown = 0  # reasoning pieces given to on_reasoning
-        self.error = ""
-        self.started = self.seconds = 0.0
-        self.first_token = None  # type: Optional[float]
+        self.assembler = _Assembler(client._max_bytes, client._think_tags)
 
     def run(self, work: "Iterator[str]") -> "Iterator[str]":
         """Run ``work`` (a generator of this call's): its pieces, then the result."""
@@ -961,15 +1001,17 @@ class _Call:
         self.started = time.monotonic()
         try:
             if self.client._problem:
-                raise _Failure(self.client._problem)
+                raise _Failure(self.client._problem, "bad_request")
             guard.start()
             for piece in work:
                 yield piece
         except _Failure as failure:
-            self.error = ("deadline of %gs exceeded" % self.client._deadline if guard.expired
-                          else str(failure))
+            if guard.expired:
+                self.error, self.kind = "deadline of %gs exceeded" % self.client._deadline, "timeout"
+            else:
+                self.error, self.kind, self.overflow = str(failure), failure.kind, failure.overflow
         except Exception as exc:  # the one boundary: a surprise becomes an error response
-            self.error = "unexpected failure: " + _describe(exc)
+            self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
         except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
             self.exchange.broken = True  # a half-read reply: the connection cannot be reused
             raise
@@ -980,8 +1022,11 @@ class _Call:
 
     def chat(self, messages: "Any", params: "Dict[str, Any]") -> "Iterator[str]":
         """The chat exchange: send the messages, yield the reply's text as it comes."""
-        exchange = self.exchange
-        answer = exchange.request(self.client._body(messages, params, exchange.stream))
+        exchange, client = self.exchange, self.client
+        body = self.body = client._body(messages, params, exchange.stream)
+        for refused in client._refused:  # this server's known refusals, adjusted in advance
+            exchange.adjust(body, refused)
+        answer = exchange.request(body)
         kind, first = exchange.kind(answer)
         if kind == "json":
             text = self.assembler.whole(self._read_json(answer, first))
@@ -1023,24 +1068,29 @@ class _Call:
             if assembler.done:
                 assembler.check()
                 exchange.drain(answer)
-                return
+                break
             if not data:
+                if self.guard.cancelled:  # the deadline's own end is told apart by run()
+                    raise _Cancelled()
+                assembler.ended(budget < max_bytes)
                 break
             data = exchange.read(answer)
-        if self.guard.cancelled:  # the deadline's own end is told apart by run()
-            raise _Failure("cancelled")
-        assembler.ended(budget < max_bytes)
+        if assembler.held:  # content held back while it might have opened a <think> block
+            rest = assembler.flush()
+            if rest:
+                yield rest
 
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
         text = self.exchange.read_all(answer, first).decode("utf-8", "replace")  # the bytes go now
         try:
             reply = _json(text, self.client._max_bytes)
         except _Costly as exc:
-            raise _Failure(str(exc))
+            raise _Failure(str(exc), "too_large")
         except (ValueError, RecursionError):
-            raise _Failure("the server sent invalid JSON: %s" % _clip(text))
+            raise _Failure("the server sent invalid JSON: %s" % _clip(text), "invalid_reply")
         if not isinstance(reply, dict):
-            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text))
+            raise _Failure("the server sent JSON that is not an object: %s" % _clip(text),
+                           "invalid_reply")
         self.guard.check()  # parsing took long: honour a cancel or the deadline before going on
         return reply
 
@@ -1052,17 +1102,23 @@ class _Call:
             try:
                 self.on_reasoning(pieces[self.shown - 1])
             except Exception as exc:
-                raise _Failure("writing the reasoning failed: " + _describe(exc))
+                raise _Failure("writing the reasoning failed: " + _describe(exc), "output")
 
     def response(self) -> Response:
         """The call's :class:`Response`, from what has arrived so far."""
         exchange, assembler = self.exchange, self.assembler
         cancelled = self.guard.cancelled and bool(self.error or not assembler.done)
-        response = assembler.response(self.error, cancelled, self.client._secrets)
+        response = assembler.response(self.error, cancelled, self.client._secrets, self.kind)
+        response.overflow = self.overflow if response.error_kind == "context_overflow" else None
         response.status = exchange.status
         if exchange.headers is not None:
             response.headers = exchange.headers
         response.first_token_seconds, response.total_seconds = self.first_token, self.seconds
+        if self.body is not None and response.ok:
+            response.warnings = _warnings(exchange.notes, self.body, exchange.sent, response,
+                                          assembler.fingerprint)
+        elif exchange.notes:
+            response.warnings = list(exchange.notes)
         return response
 
 
@@ -1137,7 +1193,7 @@ class _Guard:
     def check(self) -> None:
         """End the call here when it was cancelled or its deadline passed."""
         if self.cancelled or self.expired:
-            raise _Failure("cancelled")
+            raise _Cancelled()
 
     def attach(self, sock: "Any") -> None:
         """Show ``sock`` to cancel() and the deadline: they shut it down to wake the call."""
@@ -1148,17 +1204,18 @@ class _Guard:
     def remaining(self) -> float:
         remaining = self.deadline_at - time.monotonic()
         if remaining <= 0:
-            raise _Failure("deadline of %gs exceeded" % self.client._deadline)
+            raise _Failure("deadline of %gs exceeded" % self.client._deadline, "timeout")
         return remaining
 
-    def sleep(self, delay: float, why: str) -> None:
+    def sleep(self, delay: float, why: str, kind: str) -> None:
         """Wait ``delay`` seconds, unless cancel() or the deadline comes first."""
         if self.deadline_at and delay >= self.remaining():
-            raise _Failure(why or "deadline of %gs exceeded" % self.client._deadline)
+            raise _Failure(why or "deadline of %gs exceeded" % self.client._deadline,
+                           kind or "timeout")
         if self.wake is None:
             self.wake = threading.Event()
         if self.cancelled or self.wake.wait(delay):
-            raise _Failure("cancelled")
+            raise _Cancelled()
 
     def connect(self, connection: "http.client.HTTPConnection") -> None:
         """``connection.connect()``, its socket and TLS handshake shown to cancel() meanwhile."""
@@ -1206,13 +1263,23 @@ class _Exchange:
     or the deadline, and no body is read past ``max_bytes``.
     """
 
+    # where each exchange starts (set on the instance as it goes)
+    connection = None  # type: Optional[http.client.HTTPConnection]
+    answer = None  # type: Optional[_FinalResponse]
+    broken = False  # the connection cannot be reused
+    status = sent = 0  # the answer's status; the request's size in bytes
+    headers = None  # type: Optional[http.client.HTTPMessage]
+    resent = frozenset()  # type: FrozenSet[str]  # the refusals this call answered with a resend
+    notes = ()  # type: Tuple[str, ...]  # what the client changed in the request: warnings
+
     def __init__(self, client: Client, stream: bool, guard: _Guard) -> None:
         self.client, self.stream, self.guard = client, stream, guard
-        self.connection = None  # type: Optional[http.client.HTTPConnection]
-        self.answer = None  # type: Optional[_FinalResponse]
-        self.broken = False  # the connection cannot be reused
-        self.status = 0
-        self.headers = None  # type: Optional[http.client.HTTPMessage]
+
+    def adjust(self, body: "Dict[str, Any]", refused: str) -> None:
+        """Change the request as a server that refused ``refused`` wants it; note what changed."""
+        note = _adjusted(body, refused)
+        if note:
+            self.notes += (note,)
 
     def request(self, body: "Optional[Dict[str, Any]]") -> "http.client.HTTPResponse":
         """POST body (GET the models when None) until a 2xx answer, retrying as configured."""
@@ -1220,30 +1287,32 @@ class _Exchange:
         attempt = 0
         data = None if body is None else _encode(body)
         while True:
+            self.sent = len(data or b"")
             try:
                 answer = self._send(data)
             except _Failure as failure:
                 if not failure.retryable or attempt >= client._retries or self.guard.cancelled:
                     raise
-                self._pause(attempt, None)
+                self._pause(attempt, None, str(failure), failure.kind)
                 attempt += 1
                 continue
             self.status, self.headers = answer.status, answer.msg
             if 200 <= answer.status < 300:
                 return answer
             message, raw = self._error_of(answer, data is not None)
-            if (body and body.get("stream_options") is _ASK_USAGE and client._stream_usage
-                    and answer.status in (400, 422)
-                    and not _named_fields(raw).isdisjoint(_USAGE_FIELDS)):
-                client._stream_usage = False  # this server rejects it: remember, resend once
-                del body["stream_options"]
-                data = _encode(body)
+            refused = _refusal(body, answer.status, raw) if body else None
+            if refused is not None and refused not in self.resent:  # a known refusal: once
+                self.resent |= {refused}
+                client._refused.add(refused)  # remembered: later calls adjust before sending
+                self.adjust(body, refused)  # type: ignore[arg-type]
+                data = _encode(body)  # type: ignore[arg-type]
                 continue
+            kind, overflow = _error_kind(answer.status, raw)
             if answer.status in _RETRY_STATUSES and attempt < client._retries:
-                self._pause(attempt, _retry_after(answer.getheader("Retry-After")), message)
+                self._pause(attempt, _retry_after(answer.getheader("Retry-After")), message, kind)
                 attempt += 1
                 continue
-            raise _Failure(message)
+            raise _Failure(message, kind, overflow=overflow)
 
     def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
         """Send the request; a kept-alive connection that the server closed is retried once."""
@@ -1265,14 +1334,14 @@ class _Exchange:
             except (ConnectionError, http.client.BadStatusLine) as exc:
                 connection.close()
                 if self.guard.cancelled:
-                    raise _Failure("cancelled")
+                    raise _Cancelled()
                 if reused and _unread(exc):  # the server closed it while it was idle: one fresh try
                     reused = False
                     continue
-                raise _Failure(_network_error(exc, client), retryable=True)
+                raise _Failure(_network_error(exc, client), "network", retryable=True)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 connection.close()
-                raise _Failure(_network_error(exc, client))
+                raise _Failure(_network_error(exc, client), _network_kind(exc))
 
     def _connect(self, connection: "http.client.HTTPConnection") -> None:
         client, guard = self.client, self.guard
@@ -1285,28 +1354,28 @@ class _Exchange:
             guard.connect(connection)
         except socket.gaierror as exc:
             raise _Failure("cannot resolve host %s (%s)" % (
-                (client._proxy or (client._host,))[0], exc.strerror or exc))
+                (client._proxy or (client._host,))[0], exc.strerror or exc), "network")
         except ConnectionRefusedError:
-            raise _Failure("connection refused: %s" % where, retryable=True)
+            raise _Failure("connection refused: %s" % where, "network", retryable=True)
         except socket.timeout:
             handshake = connection.sock is not None  # TCP is up: TLS (or a proxy) timed out
             connection.close()  # never keep a socket whose TLS handshake did not finish
             if handshake and client._scheme == "https" and not client._proxy:
                 raise _Failure("timed out after %gs in the TLS handshake with %s (is it a plain"
-                               " HTTP server? then use an http:// URL)" % (timeout, where))
-            raise _Failure("timed out after %gs connecting to %s" % (timeout, where),
+                               " HTTP server? then use an http:// URL)" % (timeout, where), "timeout")
+            raise _Failure("timed out after %gs connecting to %s" % (timeout, where), "timeout",
                            retryable=True)
         except (OSError, http.client.HTTPException, ValueError) as exc:
             connection.close()
-            raise _Failure("cannot connect to %s: %s" % (where, _describe(exc)),
+            raise _Failure("cannot connect to %s: %s" % (where, _describe(exc)), "network",
                            retryable=isinstance(exc, ConnectionError))
         sock = connection.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(client._read_timeout)
         if guard.cancelled:
-            raise _Failure("cancelled")
+            raise _Cancelled()
 
-    def _pause(self, attempt: int, retry_after: "Optional[float]", why: str = "") -> None:
+    def _pause(self, attempt: int, retry_after: "Optional[float]", why: str, kind: str) -> None:
         """Sleep before a retry: exponential backoff with jitter, or Retry-After."""
         import random
 
@@ -1314,10 +1383,10 @@ class _Exchange:
             step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** attempt)
             delay = step / 2 + random.uniform(0, step / 2)
         elif retry_after > _RETRY_AFTER_CAP:
-            raise _Failure("%s (the server asks to retry after %gs)" % (why, retry_after))
+            raise _Failure("%s (the server asks to retry after %gs)" % (why, retry_after), kind)
         else:
             delay = retry_after
-        self.guard.sleep(delay, why)
+        self.guard.sleep(delay, why, kind)
 
     def _error_of(self, answer: "http.client.HTTPResponse", posted: bool) -> "Tuple[str, str]":
         """Read an error answer: its one-line message and its raw text (lowercased)."""
@@ -1347,7 +1416,7 @@ class _Exchange:
             self.broken = True
             raise _Failure("the server answered with %s, not %s: %s" % (
                 kind or "no content type", "an event stream" if self.stream else "JSON",
-                _clip(first)))
+                _clip(first)), "invalid_reply")
         return "events", first
 
     def read(self, answer: "http.client.HTTPResponse", whole: bool = False) -> bytes:
@@ -1359,15 +1428,16 @@ class _Exchange:
         guard = self.guard
         if guard.cancelled or guard.expired:
             self.broken = True
-            raise _Failure("cancelled")
+            raise _Cancelled()
         try:
             return answer.read() if whole else answer.read1(_READ_SIZE)
         except http.client.IncompleteRead:
             self.broken = True
-            raise _Failure("connection closed in the middle of a chunk: the response was cut short")
+            raise _Failure("connection closed in the middle of a chunk: the response was cut short",
+                           "network")
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.broken = True
-            raise _Failure(_network_error(exc, self.client))
+            raise _Failure(_network_error(exc, self.client), _network_kind(exc))
 
     def read_all(self, answer: "http.client.HTTPResponse", first: bytes) -> bytes:
         """The whole body, ``first`` (bytes already read) included, within max_bytes."""
@@ -1389,7 +1459,8 @@ class _Exchange:
 
     def too_large(self) -> None:
         self.broken = True
-        raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes)
+        raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes,
+                       "too_large")
 
     def drain(self, answer: "http.client.HTTPResponse") -> None:
         """After [DONE], read the end of the body (for a second at most) for the connection's reuse."""
@@ -1600,11 +1671,12 @@ def _tls_context(client: Client) -> "Any":
             import ssl
         except ImportError:
             raise _Failure("https needs Python's ssl module, which this Python lacks;"
-                           " use an http:// URL")
+                           " use an http:// URL", "bad_request")
         try:
             context = ssl.create_default_context(cafile=client._ca_file)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise _Failure("cannot load ca_file %r: %s" % (client._ca_file, _describe(exc)))
+            raise _Failure("cannot load ca_file %r: %s" % (client._ca_file, _describe(exc)),
+                           "bad_request")
         if not client._verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -1898,15 +1970,19 @@ class _Assembler:
     legacy_call = False  # the reply used the older function_call shape
     unknown = None  # type: Any  # the first event that was no chunk: a failure, maybe
     finish = None  # type: Any
-    usage = None  # type: Any
-    model = id = ""
+    usage = timings = None  # type: Any
+    model = id = fingerprint = ""
+    think = 0  # a leading <think> block: 0 maybe to come, 1 in it, 2 just past it, 3 none
+    held = ""  # the content's start, held back while it may be (or end) a <think> block
     logprobs = None  # type: Optional[List[Any]]
     kept_logprobs = 0  # log-probability entries kept, top_logprobs included
     began = False  # something came to keep: text, reasoning, a tool call, a refusal
     done = False  # [DONE] or the whole reply came
 
-    def __init__(self, max_bytes: int = _MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = _MAX_BYTES, think_tags: bool = True) -> None:
         self.max_bytes = max_bytes
+        if not think_tags:
+            self.think = 3
         self.content = []  # type: List[str]
         self.reasoning = []  # type: List[str]
         self.builders = []  # type: List[Dict[str, Any]]
@@ -1922,7 +1998,7 @@ class _Assembler:
             self.done = True
             return None
         if kind == "error":
-            raise _Failure(_message_of(payload) or "the server sent an error event")
+            raise _in_band(payload, "the server sent an error event")
         if isinstance(payload, dict) and "choices" in payload:
             return self._apply(payload, "delta")
         if self.unknown is None:  # no chunk: perhaps a failure in a shape of its own
@@ -1932,35 +2008,50 @@ class _Assembler:
     def whole(self, reply: "Dict[str, Any]") -> "Optional[str]":
         """Take a whole (not streamed) reply."""
         if "choices" not in reply and "error" not in reply and reply.get("object") != "error":
-            raise _Failure("the reply has no choices: %s" % _clip(json.dumps(reply)))
+            raise _Failure("the reply has no choices: %s" % _clip(json.dumps(reply)), "invalid_reply")
         text = self._apply(reply, "message")
         self.done = True
-        return text
+        return (text or "") + self.flush() if self.held else text
+
+    def flush(self) -> str:
+        """The reply is over: content held back while it might open a <think> block is content
+        (returned, to be written), and an unclosed block (cut by a token limit) is reasoning."""
+        held, self.held = self.held, ""
+        think, self.think = self.think, 3
+        if think == 1 and held:
+            self.reasoning.append(held)
+        elif think == 0 and held:
+            self.content.append(held)
+            return held
+        return ""
 
     def check(self) -> None:
         """A stream that carried no reply at all but something else is that something's failure."""
         if (self.unknown is not None and self.finish is None
                 and not (self.content or self.builders or self.refusal)):
             said = _message_of(self.unknown) or json.dumps(self.unknown)
-            raise _Failure("the stream carried no reply, only: %s" % _clip(said))
+            raise _Failure("the stream carried no reply, only: %s" % _clip(said), "invalid_reply")
 
     def ended(self, received: bool) -> None:
         """The stream ended without ``[DONE]``: it is whole only if a finish reason came."""
         self.check()
         if self.finish is None:
             raise _Failure("stream ended before [DONE]" if received
-                           else "the server sent an empty reply")
+                           else "the server sent an empty reply", "network" if received else "invalid_reply")
 
     def _apply(self, chunk: "Dict[str, Any]", key: str) -> "Optional[str]":
         """Take what a chunk (``key="delta"``) or a whole reply (``"message"``) carries."""
         if chunk.get("error") is not None or chunk.get("object") == "error":
-            raise _Failure(_message_of(chunk) or "the server sent an error")
+            raise _in_band(chunk, "the server sent an error")
         if not (self.id and self.model):  # each from the first chunk that names it
             self.id = self.id or _string(chunk.get("id"))
             self.model = self.model or _string(chunk.get("model"))
+            self.fingerprint = self.fingerprint or _string(chunk.get("system_fingerprint"))
         usage = chunk.get("usage")
         if usage or "x_groq" in chunk:  # Groq puts it in x_groq
             self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage
+            if "timings" in chunk:  # llama.cpp's, beside its usage
+                self.timings = chunk["timings"]
         choices = chunk.get("choices")
         if not choices or not isinstance(choices, list):
             return None
@@ -1973,6 +2064,8 @@ class _Assembler:
         finish = choice.get("finish_reason")
         if finish and isinstance(finish, str):
             self.finish = finish
+            if "timings" in chunk:  # llama.cpp's, on its last chunk
+                self.timings = chunk["timings"]
         if choice.get("usage"):
             self.usage = choice["usage"]
         if choice.get("logprobs"):
@@ -1998,6 +2091,11 @@ class _Assembler:
         text = delta.get("content")
         if text and not isinstance(text, str):
             text = self._parts(text)
+        if text and self.think != 3 and not self.content:  # the content's start
+            if self.think or self.held or text[0] in _THINK_STARTS:  # in it, or maybe to come
+                text = self._unthink(text)
+            else:
+                self.think = 3  # it begins with no <think>
         if text:
             self.content.append(text)
             self.began = True
@@ -2005,6 +2103,36 @@ class _Assembler:
         if not self.began:
             self.began = bool(self.reasoning or self.builders or self.refusal)
         return None
+
+    def _unthink(self, text: str) -> str:
+        """Move a ``<think>...</think>`` block at the content's start to the reasoning, as it
+        comes, and the space after it; return the content's text that is no part of it."""
+        text, self.held = self.held + text, ""
+        if self.think == 2:  # past the block: the content begins at its first word
+            text = text.lstrip()
+            self.think = 2 if not text else 3
+            return text
+        if self.think == 0:
+            start = text.lstrip()
+            if len(start) < 7 and "<think>".startswith(start):  # too short to tell yet
+                self.held = text
+                return ""
+            if not start.startswith("<think>"):  # only the leading block: a later one is text
+                self.think = 3
+                return text
+            text, self.think = start[7:], 1
+        end = text.find("</think>")
+        if end < 0:  # hold back what may be the start of "</think>"
+            cut = next((len(text) - size for size in range(min(7, len(text)), 0, -1)
+                        if "</think>".startswith(text[-size:])), len(text))
+            text, self.held = text[:cut], text[cut:]
+            if text:
+                self.reasoning.append(text)
+            return ""
+        if end:
+            self.reasoning.append(text[:end])
+        self.think = 2
+        return self._unthink(text[end + 8:])
 
     def _parts(self, content: "Any") -> str:
         """The text of content given as a list of parts; thinking parts (Mistral's) are reasoning."""
@@ -2077,7 +2205,7 @@ class _Assembler:
         elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
             return builders[-1]  # no index: a fragment continues the last call
         if len(builders) >= _MAX_TOOL_CALLS:
-            raise _Failure("the reply asks for more than %d tool calls" % _MAX_TOOL_CALLS)
+            raise _Failure("the reply asks for more than %d tool calls" % _MAX_TOOL_CALLS, "too_large")
         builder = {"index": index, "id": "", "type": "", "name": "", "arguments": []}
         builders.append(builder)
         if indexed:
@@ -2094,14 +2222,15 @@ class _Assembler:
             and isinstance(entry.get("top_logprobs"), list))
         if self.kept_logprobs > self.max_bytes // _LOGPROB_COST:
             raise _Failure("the reply carries more log-probabilities than max_bytes"
-                           " (%d bytes) allows to keep" % self.max_bytes)
+                           " (%d bytes) allows to keep" % self.max_bytes, "too_large")
         if self.logprobs is None:
             self.logprobs = []
         self.logprobs.extend(entries)
 
     def response(self, error: str = "", cancelled: bool = False,
-                 secrets: "Optional[List[str]]" = None) -> Response:
-        """The :class:`Response` to what came: ``error`` and ``cancelled`` say how the call ended.
+                 secrets: "Optional[List[str]]" = None, kind: str = "") -> Response:
+        """The :class:`Response` to what came: ``error`` and ``cancelled`` say how the call ended
+        (``kind``: the error's kind).
 
         Every text the server chose is shown with ``secrets`` redacted.
         """
@@ -2113,7 +2242,10 @@ class _Assembler:
                                       arguments, builder["type"] or "function"))
                 if not (builder["name"] or error):  # it could not be run
                     error = "the server sent a tool call without a name (arguments %s)" % arguments
+                    kind = "invalid_reply"
         response = self._ending(error, cancelled, secrets or [], calls)
+        if response.stop_reason == "error":
+            response.error_kind = kind or "server"  # a failure the server said in its finish_reason
         response.usage = _usage(self.usage)
         response.tool_calls = calls
         response.reasoning = "".join(self.reasoning)
@@ -2122,6 +2254,8 @@ class _Assembler:
         response._legacy_call = self.legacy_call
         response.model, response.id = self.model, self.id
         response.logprobs = self.logprobs
+        if isinstance(self.timings, dict):
+            response.timings = _counts(self.timings) or None
         return response
 
     def _ending(self, error: str, cancelled: bool, secrets: "List[str]",
@@ -2144,6 +2278,113 @@ class _Assembler:
             return Response(content, "error", _one_line(_redact(  # a provider failed (OpenRouter)
                 'the server ended the reply: finish_reason "%s"' % finish, secrets)))
         return Response(content, reason)
+
+
+# ---------------------------------------------------------------- what the server did to the answer
+
+# a tool call written as text, when the server's parser is off: where it starts, and the parser
+# of vLLM's that reads it (vllm/entrypoints/openai/tool_parsers: hermes, mistral, llama3_json)
+_CALLS_AS_TEXT = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|python_tag|>", "llama3_json"))
+
+
+def _warnings(notes: "Iterable[str]", body: "Dict[str, Any]", sent: int, reply: Response,
+              fingerprint: str) -> "List[str]":
+    """What the server did to an answer that came back, each said only on evidence in hand.
+
+    ``notes`` say what the client changed in the request; ``body`` is the request
+    as sent, ``sent`` its size in bytes, ``fingerprint`` the reply's
+    ``system_fingerprint``. Each rule runs only where a cheap test says it may apply.
+    """
+    said = list(notes)
+    if reply.stop_reason == "length" and reply.reasoning and not reply.content.strip():
+        said.append("the reasoning used the whole token budget and no answer came: allow"
+                    " more tokens (max_tokens)")
+    usage = reply.usage
+    if usage:
+        made, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+        if type(made) is int and ("max_tokens" in body or "max_completion_tokens" in body):
+            said += _over_limit(body, made)
+        if type(prompt) is int and 2 * prompt < sent:  # each word takes two bytes of it at least
+            said += _cut_prompt(body["messages"], prompt, usage, fingerprint)
+    if ("tools" in body or "functions" in body) and reply.content and not reply.tool_calls:
+        said += _call_as_text(reply.content, body)
+    return said
+
+
+def _over_limit(body: "Dict[str, Any]", made: int) -> "List[str]":
+    """A warning when the server made more tokens than the request allowed."""
+    limits = [body.get(name) for name in ("max_tokens", "max_completion_tokens")]
+    limit = max([value for value in limits if type(value) is int] or [made])
+    if limit >= made or body.get("n") not in (None, 1):  # n: one count for every choice
+        return []
+    return ["the server made %d tokens where the request allowed %d: it ignored the limit%s"
+            % (made, limit, " (servers older than max_completion_tokens do not know it: send"
+               " max_tokens)" if limits[0] is None else "")]
+
+
+def _cached(usage: "Dict[str, Any]") -> int:
+    """Prompt tokens a server reports as cached, which some count apart from prompt_tokens."""
+    counts = [_field(usage.get("prompt_tokens_details"), "cached_tokens"),
+              usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")]
+    return sum(count for count in counts if type(count) is int)
+
+
+def _cut_prompt(messages: "List[Any]", counted: int, usage: "Dict[str, Any]",
+                fingerprint: str) -> "List[str]":
+    """A warning when the server counted fewer prompt tokens than the words sent.
+
+    Each word of text (a run without whitespace) is one token at least: tokenizers
+    split text at whitespace before they merge (measured on OpenAI's cl100k and
+    o200k, Llama 3's, Qwen 2.5's and 3.5's, DeepSeek's and Mistral's tekken and
+    SentencePiece vocabularies: English takes 1.3 tokens a word, code 2 to 2.5,
+    single letters exactly 1, CJK and emoji more). A server that counts fewer
+    dropped some of the prompt (Ollama cuts prompts to its context length).
+    """
+    words = 0
+    for message in messages:
+        content = _field(message, "content")
+        if isinstance(content, str):
+            words += len(content.split())
+        elif isinstance(content, list):
+            words += len(_text_of_parts(content).split())
+    if counted >= words or counted + _cached(usage) >= words:
+        return []
+    fix = ("Ollama's context length: OLLAMA_CONTEXT_LENGTH, or num_ctx in a Modelfile"
+           if fingerprint == "fp_ollama" else "the server's context length")
+    return ["the server counted %d prompt tokens for the %d words sent: it probably cut the"
+            " prompt to fit its context (raise %s)" % (counted, words, fix)]
+
+
+def _call_as_text(text: str, body: "Dict[str, Any]") -> "List[str]":
+    """A warning when the content is a call of an offered tool, written as text."""
+    offered = {_field(_field(tool, "function"), "name") for tool in body.get("tools") or []}
+    offered |= {_field(function, "name") for function in body.get("functions") or []}
+    starts = [(text.find(marker) + len(marker), parser) for marker, parser in _CALLS_AS_TEXT
+              if marker in text] + [(0, "llama3_json")]  # or bare JSON: {"name": ..., ...}
+    for start, parser in starts:
+        for call in _written_calls(text[start:].strip(), parser):
+            name = _field(call, "name")
+            if name in offered and ("arguments" in call or "parameters" in call):
+                return ["the model wrote a call of %s as text, which the server did not read as"
+                        " a tool call (vLLM: --enable-auto-tool-choice --tool-call-parser %s;"
+                        " llama.cpp: --jinja)" % (name, parser)]
+    return []
+
+
+def _written_calls(text: str, parser: str) -> "List[Any]":
+    """The calls written in text after a parser's mark: JSON, or Mistral's name[ARGS]{...}."""
+    if parser == "hermes":
+        text = text.partition("</tool_call>")[0]
+    name = text.partition("[")[0]
+    if parser == "mistral" and text[len(name):].startswith(("[ARGS]", "[CALL_ID]")):
+        return [{"name": name, "arguments": None}]
+    if text[:1] not in ("{", "["):
+        return []
+    try:
+        calls = _json(text)
+    except (ValueError, RecursionError):
+        return []
+    return calls if isinstance(calls, list) else [calls]
 
 
 def _model_ids(listing: "Dict[str, Any]") -> "List[str]":
@@ -2236,12 +2477,16 @@ def _server_message(body: bytes) -> str:
     return text
 
 
-# how a server names the request field it refuses, in words
-_NAMING = (r"""(?:parameter|argument)s?(?: supplied)?:\s*['"`]?([a-z_][\w.]*)"""  # Unknown parameter: 'x'
-           r"""|field ['"`]([a-z_][\w.]*)['"`]"""  # llama.cpp: Field 'x': ...
-           r"""|['"`]([a-z_][\w.]*)['"`] must be"""  # LM Studio: 'x' must be ...
-           r"""|([a-z_][\w.]*):?\s+extra inputs are not permitted"""  # pydantic's own words
-           r"""|['"]loc['"]:\s*[\[(]\s*['"]body['"],\s*['"]([a-z_][\w.]*)['"]""")  # FastAPI, as text
+# how a server names the request field it refuses, in words: each pattern is looked for only
+# where its words are (a name is at most 64 characters: a longer run is no name)
+_NAMING = (
+    ("parameter", r"""parameters?:\s*['"`]?([a-z_][\w.]{0,63})"""),  # Unknown parameter: 'x'
+    ("argument", r"""arguments? supplied:\s*['"`]?([a-z_][\w.]{0,63})"""),  # Azure
+    ("field", r"""field ['"`]([a-z_][\w.]{0,63})['"`]"""),  # llama.cpp: Field 'x': ...
+    ("must be", r"""['"`]([a-z_][\w.]{0,63})['"`] must be"""),  # LM Studio: 'x' must be ...
+    ("extra inputs", r"""([a-z_][\w.]{0,63}):?\s+extra inputs are not permitted"""),  # pydantic
+    ("loc", r"""['"]loc['"]:\s*[\[(]\s*['"]body['"],\s*['"]([a-z_][\w.]{0,63})['"]"""),  # FastAPI, as text
+)
 
 
 def _named_fields(raw: str) -> "Set[str]":
@@ -2275,9 +2520,49 @@ def _named_fields(raw: str) -> "Set[str]":
         elif isinstance(value, list) and depth < 5:
             pending += [(item, depth + 1) for item in value[:16]]
     for text in texts:
-        for found in re.findall(_NAMING, text):
-            names.update(name for name in found if name)
+        for words, pattern in _NAMING:
+            if words in text:
+                names.update(re.findall(pattern, text))
     return names
+
+
+def _refusal(body: "Dict[str, Any]", status: int, raw: str) -> "Optional[str]":
+    """Which known refusal an error answer is, for this request: what to adjust, or None.
+
+    Decided from the field the answer names (``_named_fields``), never from a
+    field that merely appears in it: ``"stream_options"`` (older vLLM, Mistral,
+    older Azure), ``"max_tokens"`` (OpenAI's newer models want
+    ``max_completion_tokens``), ``"json_object"`` (LM Studio wants a
+    ``json_schema``).
+    """
+    if status not in (400, 422):
+        return None
+    named = _named_fields(raw)
+    if body.get("stream_options") is _ASK_USAGE and not named.isdisjoint(_USAGE_FIELDS):
+        return "stream_options"
+    if ("max_tokens" in named and "max_completion_tokens" in raw and "max_tokens" in body
+            and "max_completion_tokens" not in body):
+        return "max_tokens"
+    if (not named.isdisjoint(("response_format", "response_format.type")) and "json_schema" in raw
+            and _field(body.get("response_format"), "type") == "json_object"):
+        return "json_object"
+    return None
+
+
+def _adjusted(body: "Dict[str, Any]", refused: str) -> str:
+    """Adjust the request for a refusal; a sentence saying so, "" when nothing is said."""
+    if refused == "stream_options" and body.get("stream_options") is _ASK_USAGE:
+        del body["stream_options"]  # the library's own field: no usage in streams, said nowhere
+    elif refused == "max_tokens" and "max_tokens" in body and "max_completion_tokens" not in body:
+        body["max_completion_tokens"] = body.pop("max_tokens")
+        return ("the server refuses max_tokens: the client sent the limit as"
+                " max_completion_tokens instead")
+    elif refused == "json_object" and _field(body.get("response_format"), "type") == "json_object":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "json_object", "schema": {"type": "object"}}}
+        return ("the server refuses response_format json_object: the client asked for a"
+                " json_schema of any object instead")
+    return ""
 
 
 def _message_of(value: "Any", depth: int = 0) -> str:
@@ -2317,6 +2602,68 @@ def _unread(exc: BaseException) -> bool:
     mid-generation), and such a request is not sent again unasked.
     """
     return isinstance(exc, ConnectionError) and not isinstance(exc, http.client.RemoteDisconnected)
+
+
+# signs that an error is a context overflow, in any server's words (lower case): OpenAI's
+# code, llama.cpp's type and words, vLLM's, OpenAI's, DeepSeek's and OpenRouter's "maximum
+# context length", Anthropic's, LM Studio's and Ollama's words
+_OVERFLOW_SIGNS = ("context_length_exceeded", "exceed_context_size_error", "maximum context length",
+                   "exceeds the available context size", "larger than the max context size",
+                   "context window", "prompt is too long", "when context the overflows",
+                   "longer than the context length", "exceeds the context length")
+# where the prompt's size and the context's are said: (?P<prompt>...) and (?P<limit>...)
+_OVERFLOW_NUMBERS = (
+    r'"n_prompt_tokens":\s*(?P<prompt>\d{1,12})',  # llama.cpp's structured error
+    r'"n_ctx":\s*(?P<limit>\d{1,12})',
+    r"request \((?P<prompt>\d{1,12}) tokens\) exceeds the available context size \((?P<limit>\d{1,12})",
+    r"input \((?P<prompt>\d{1,12}) tokens\) is larger than the max context size \((?P<limit>\d{1,12})",
+    r"maximum context length is (?P<limit>\d{1,12})",  # vLLM, OpenAI, DeepSeek, OpenRouter
+    r"\((?P<prompt>\d{1,12}) in the messages",  # ... you requested N tokens (P in the messages, ...)
+    r"requested (?P<prompt>\d{1,12}) tokens in the messages",
+    r"request has (?P<prompt>\d{1,12}) input tokens",  # vLLM 0.10.2 to 0.15
+    r"prompt contains (?:at least )?(?P<prompt>\d{1,12}) input tokens",  # vLLM 0.18 and later
+    r"messages resulted in (?P<prompt>\d{1,12}) tokens",  # OpenAI
+    r"requested about (?P<prompt>\d{1,12}) tokens",  # OpenRouter
+    r"prompt is too long: (?P<prompt>\d{1,12}) tokens > (?P<limit>\d{1,12})",  # Anthropic
+    r"keep the first (?P<prompt>\d{1,12}) tokens",  # LM Studio
+    r"context length of only (?P<limit>\d{1,12}) tokens",
+)
+
+
+def _error_kind(status: int, raw: str) -> "Tuple[str, Optional[Dict[str, int]]]":
+    """The kind of an error answer (its status, and its text in lower case), and for a context
+    overflow the prompt's size and the context's, in tokens, when the server said them."""
+    if any(sign in raw for sign in _OVERFLOW_SIGNS):
+        import re  # loaded by json already
+
+        overflow = {}  # type: Dict[str, int]
+        for pattern in _OVERFLOW_NUMBERS:
+            found = re.search(pattern, raw)
+            for name, value in (found.groupdict() if found else {}).items():
+                overflow.setdefault("prompt_tokens" if name == "prompt" else "context_length", int(value))
+        return "context_overflow", overflow
+    if status in (401, 403):
+        return "auth", None
+    if status == 429:
+        return "rate_limit", None
+    if status in (404, 405) or 300 <= status < 400:  # a wrong model, or URL (redirects too)
+        return "not_found", None
+    if status in (408, 504):
+        return "timeout", None
+    if status == 413:
+        return "too_large", None
+    return ("bad_request" if 400 <= status < 500 else "server"), None
+
+
+def _in_band(payload: "Any", said: str) -> _Failure:
+    """The failure a server sent inside a reply (an error object or event), with its kind."""
+    code = _field(_field(payload, "error"), "code")
+    kind, overflow = _error_kind(code if type(code) is int else 0, json.dumps(payload).lower())
+    return _Failure(_message_of(payload) or said, kind, overflow=overflow)
+
+
+def _network_kind(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, socket.timeout) else "network"
 
 
 def _network_error(exc: BaseException, client: "Client") -> str:
@@ -2760,7 +3107,20 @@ def _stats(reply: Response) -> str:
         except (ZeroDivisionError, OverflowError):  # no time, or more tokens than a float holds
             pass
     parts.append("%.2f s in all" % reply.total_seconds)
-    return ", ".join(parts)
+    return ", ".join(parts) + _server_stats(reply.timings or {})
+
+
+def _server_stats(timings: "Dict[str, Any]") -> str:
+    """The server's own figures (llama.cpp's timings): its prompt and generation rates, and
+    the prompt tokens it took from its cache."""
+    parts = []
+    for count, rate, what in (("prompt_n", "prompt_per_second", "prompt"),
+                              ("predicted_n", "predicted_per_second", "generated")):
+        if isinstance(timings.get(count), int) and isinstance(timings.get(rate), (int, float)):
+            parts.append("%d %s tokens at %.1f tokens/s" % (timings[count], what, timings[rate]))
+    if isinstance(timings.get("cache_n"), int):
+        parts.append("%d prompt tokens from its cache" % timings["cache_n"])
+    return "\nserver: " + ", ".join(parts) if parts else ""
 
 
 class _Shown:
@@ -2787,7 +3147,8 @@ def _as_json(reply: Response, secrets: "List[str]") -> "Any":
             "reasoning": reply.reasoning, "refusal": reply.refusal, "logprobs": reply.logprobs,
             "headers": _header_dict(reply.headers, secrets),
             "first_token_seconds": reply.first_token_seconds,
-            "total_seconds": reply.total_seconds})
+            "total_seconds": reply.total_seconds, "timings": reply.timings,
+            "warnings": reply.warnings, "error_kind": reply.error_kind, "overflow": reply.overflow})
 
 
 def _finite(value: "Any") -> "Any":
@@ -2817,11 +3178,12 @@ def _header_dict(headers: "http.client.HTTPMessage", secrets: "List[str]") -> "D
 
 def _report(reply: Response) -> None:
     """Say on stderr why a reply ended early, and what tools it calls."""
-    if reply.tool_calls:
+    if reply.tool_calls or reply.warnings:
         console = _Console(sys.stderr)
         console.end_line()
         console.write("".join("tool call: %s %s\n" % (call.name, call.arguments)
                               for call in reply.tool_calls))
+        console.write("".join("warning: %s\n" % warning for warning in reply.warnings))
     if reply.stop_reason == "error":
         _complain(reply.error)
     elif reply.refusal:

@@ -2961,6 +2961,387 @@ class MoreOfTheReplyTest(LoopbackCase):
         self.assertGreaterEqual(reply.total_seconds - reply.first_token_seconds, 0.29)
 
 
+class ErrorKindTest(LoopbackCase):
+    """Response.error_kind: what kind of failure a call met, from what servers really send."""
+
+    # (what the server sends, the kind, the numbers of a context overflow); where each comes from
+    HTTP_ERRORS = [
+        # llama.cpp's server: tools/server/server-common.cpp and server-task.cpp (its structured error)
+        (400, {"error": {"code": 400, "message": "request (5000 tokens) exceeds the available context size"
+                         " (4096 tokens), try increasing it", "type": "exceed_context_size_error",
+                         "n_prompt_tokens": 5000, "n_ctx": 4096}},
+         "context_overflow", {"prompt_tokens": 5000, "context_length": 4096}),
+        # vLLM 0.6.6 to 0.10.0 (serving_engine.py), flat
+        (400, {"object": "error", "message": "This model's maximum context length is 4096 tokens. However,"
+               " you requested 5120 tokens (4096 in the messages, 1024 in the completion). Please reduce"
+               " the length of the messages or completion.", "type": "BadRequestError", "param": None,
+               "code": 400}, "context_overflow", {"prompt_tokens": 4096, "context_length": 4096}),
+        # vLLM 0.11.1 to 0.15
+        (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, your"
+                         " request has 35072 input tokens. Please reduce the length of the input messages.",
+                         "type": "BadRequestError", "param": None, "code": 400}},
+         "context_overflow", {"prompt_tokens": 35072, "context_length": 4096}),
+        # vLLM 0.32 and later
+        (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, your"
+                         " prompt contains at least 4097 input tokens, which exceeds this limit even"
+                         " without any output tokens. Please reduce the length of the input prompt.",
+                         "type": "BadRequestError", "param": "input_tokens", "code": 400}},
+         "context_overflow", {"prompt_tokens": 4097, "context_length": 4096}),
+        # OpenAI (mckaywrigley/chatbot-ui issue 102)
+        (400, {"error": {"message": "This model's maximum context length is 4097 tokens. However, your"
+                         " messages resulted in 8227 tokens. Please reduce the length of the messages.",
+                         "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}},
+         "context_overflow", {"prompt_tokens": 8227, "context_length": 4097}),
+        # Groq: only the code (All-Hands-AI/OpenHands issue 1902)
+        (400, {"error": {"message": "Please reduce the length of the messages or completion.",
+                         "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}},
+         "context_overflow", {}),
+        # OpenRouter (refly-ai/refly issue 1177)
+        (400, {"error": {"message": "This endpoint's maximum context length is 32768 tokens. However, you"
+                         " requested about 42832 tokens (42832 of text input). Please reduce the length of"
+                         " either one, or use the \"middle-out\" transform to compress your prompt"
+                         " automatically.", "code": 400}},
+         "context_overflow", {"prompt_tokens": 42832, "context_length": 32768}),
+        # LM Studio (lmstudio-ai/lmstudio-bug-tracker issue 546): its errors are {"error": "<text>"}
+        (400, {"error": "Trying to keep the first 111490 tokens when context the overflows. However, the"
+                        " model is loaded with context length of only 32768 tokens, which is not enough."},
+         "context_overflow", {"prompt_tokens": 111490, "context_length": 32768}),
+        # Ollama with a context it cannot grow (server/routes.go, through its OpenAI layer)
+        (400, {"error": {"message": "the prompt is longer than the context length currently available to"
+                         " the model; shorten the prompt, adjust the context length in settings, or use a"
+                         " model with a longer context length", "type": "invalid_request_error",
+                         "param": None, "code": None}}, "context_overflow", {}),
+        # OpenAI's invalid key (continuedev/continue issue 11442); vLLM's and llama.cpp's
+        (401, {"error": {"message": "Incorrect API key provided: sk-...nOUA.", "type": "invalid_request_error",
+                         "param": None, "code": "invalid_api_key"}}, "auth", None),
+        (401, {"error": "Unauthorized"}, "auth", None),
+        (401, {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}}, "auth", None),
+        (403, {"error": {"message": "Forbidden"}}, "auth", None),
+        # Groq's rate limit (danielmiessler/Fabric issue 364)
+        (429, {"error": {"message": "Rate limit reached for model `llama3-70b-8192` in organization `org_x`"
+                         " on tokens per minute (TPM): Limit 7000, Used 0, Requested ~12903.",
+                         "type": "tokens", "code": "rate_limit_exceeded"}}, "rate_limit", None),
+        # an unknown model: Ollama's OpenAI layer, vLLM; a wrong URL: llama.cpp
+        (404, {"error": {"message": "model 'llama9' not found", "type": "not_found_error", "param": None,
+                         "code": None}}, "not_found", None),
+        (404, {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": None,
+                         "code": 404}}, "not_found", None),
+        (404, {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}, "not_found", None),
+        (405, {"detail": "Method Not Allowed"}, "not_found", None),
+        (400, {"error": {"message": "Invalid value for 'temperature'"}}, "bad_request", None),
+        (422, {"detail": [{"type": "missing", "loc": ["body", "messages"], "msg": "Field required"}]},
+         "bad_request", None),
+        (413, {"error": "request entity too large"}, "too_large", None),
+        (500, {"error": {"message": "Internal error", "type": "server_error", "code": 500}}, "server", None),
+        # llama.cpp while it loads its model
+        (503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}, "server", None),
+        (504, {"error": "upstream timed out"}, "timeout", None),
+    ]
+
+    def test_each_kind_of_http_error_whole_and_streamed(self):
+        for status, body, kind, overflow in self.HTTP_ERRORS:
+            with self.subTest(status=status, body=str(body)[:60]):
+                client = self.client(self.serve(answer(body, status)))
+                for response in (client.chat(HI), client.chat_stream(HI, Writes())):
+                    self.assertEqual((response.stop_reason, response.status), ("error", status))
+                    self.assertEqual((response.error_kind, response.overflow), (kind, overflow))
+
+    def test_failures_sent_inside_a_reply(self):
+        overflow = {"error": {"code": 400, "message": "request (5000 tokens) exceeds the available context"
+                              " size (4096 tokens), try increasing it", "type": "exceed_context_size_error",
+                              "n_prompt_tokens": 5000, "n_ctx": 4096}}
+        cases = [(sse(delta("a"), {"error": {"message": "boom", "code": 500}}, done=False), "server", None),
+                 (sse(delta("a"), overflow, done=False), "context_overflow",
+                  {"prompt_tokens": 5000, "context_length": 4096}),
+                 (sse(delta("a"), chunk(b"event: error\ndata: {\"message\": \"bad\"}\n\n")), "server", None),
+                 (sse(delta("a", "error")), "server", None),
+                 (answer(overflow), "context_overflow", {"prompt_tokens": 5000, "context_length": 4096})]
+        for steps, kind, numbers in cases:
+            with self.subTest(kind=kind, steps=str(steps)[-80:]):
+                response = self.client(self.serve(steps)).chat_stream(HI, Writes())
+                self.assertEqual((response.stop_reason, response.error_kind, response.overflow),
+                                 ("error", kind, numbers))
+
+    def test_failures_of_the_connection_the_reply_and_the_caller(self):
+        plain = b"upstream: nothing here"
+        cases = [
+            (lambda: self.client("http://127.0.0.1:%d" % free_port()).chat(HI), "network"),
+            (lambda: self.client(self.serve([RESET])).chat(HI), "network"),
+            (lambda: self.client(self.serve(sse(delta("a"), done=False)[:-1] + [CLOSE])).chat_stream(
+                HI, Writes()), "network"),
+            (lambda: self.client(self.serve([HANG]), timeout=0.2).chat(HI), "timeout"),
+            (lambda: self.client(self.serve([HANG]), deadline=0.2).chat_stream(HI, Writes()), "timeout"),
+            (lambda: self.client(self.serve(answer(message("x" * 5000))), max_bytes=1000).chat(HI), "too_large"),
+            (lambda: self.client(self.serve([head(200, "application/json", chunked=False, length=9)
+                                             + b'{"choices'])).chat(HI), "invalid_reply"),
+            (lambda: self.client(self.serve(answer({"hello": "world"}))).chat(HI), "invalid_reply"),
+            (lambda: self.client(self.serve([head(200, "text/plain", chunked=False, length=len(plain))
+                                             + plain])).chat(HI), "invalid_reply"),
+            (lambda: self.client(self.serve(sse(delta("a")))).chat_stream(HI, Writes(fail_after=0)), "output"),
+            (lambda: self.client(self.serve(sse(delta("a")))).chat_stream(HI, object()), "bad_request"),
+            (lambda: self.client(self.serve(sse(delta("a")))).chat("not a list"), "bad_request"),
+            (lambda: self.client(self.serve(sse(delta("a"))), timeout="soon").chat(HI), "bad_request"),
+        ]
+        for call, kind in cases:
+            with self.subTest(kind=kind):
+                response = call()
+                self.assertEqual((response.stop_reason, response.error_kind), ("error", kind), response)
+
+    def test_no_kind_unless_the_call_failed(self):
+        server = self.serve(sse(delta("a", "stop")), sse(delta("a"), HANG))
+        client = self.client(server)
+        self.assertEqual(client.chat_stream(HI, Writes()).error_kind, "")
+        with client.stream(HI) as stream:
+            next(stream)
+        self.assertEqual((stream.response.stop_reason, stream.response.error_kind), ("cancelled", ""))
+        self.assertEqual((llm.Response().error_kind, llm.Response().overflow), ("", None))
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+class WarningsTest(LoopbackCase):
+    """Response.warnings: what the server did to an answer, said only on evidence in hand."""
+
+    def warnings(self, steps, messages=HI, **params):
+        client = self.client(self.serve(steps))
+        return client.chat_stream(messages, Writes(), **params).warnings
+
+    def test_reasoning_that_used_the_whole_budget(self):
+        # vLLM with a reasoning parser: reasoning deltas, then "length" before any content
+        thinking = [delta(role="assistant", content=""), delta(reasoning="Let me think"),
+                    delta(reasoning=" more and more"), delta(None, "length")]
+        said = self.warnings(sse(*thinking), max_tokens=4)
+        self.assertEqual(len(said), 1)
+        self.assertIn("the reasoning used the whole token budget and no answer came", said[0])
+        self.assertEqual(self.warnings(answer(message("", "length", reasoning="Let me think"))), said)
+        # an answer that came, or a reasoning that ended: nothing to say
+        self.assertEqual(self.warnings(sse(delta(reasoning="Hm"), delta("Paris", "length"))), [])
+        self.assertEqual(self.warnings(sse(delta(reasoning="Hm"), delta(None, "stop"))), [])
+
+    def test_a_server_that_made_more_tokens_than_the_limit(self):
+        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 50, "total_tokens": 55}}
+        reply = sse(delta("long " * 50, "stop"), usage)
+        # Ollama's OpenAI layer knows no max_completion_tokens (openai/openai.go): it ignores it
+        said = self.warnings(reply, max_completion_tokens=8)
+        self.assertEqual(said, ["the server made 50 tokens where the request allowed 8: it ignored the"
+                                " limit (servers older than max_completion_tokens do not know it: send"
+                                " max_tokens)"])
+        self.assertEqual(self.warnings(reply, max_tokens=8),
+                         ["the server made 50 tokens where the request allowed 8: it ignored the limit"])
+        for params in ({"max_tokens": 50}, {"max_tokens": 100}, {}, {"max_tokens": 8, "n": 2}):
+            with self.subTest(params=params):  # n > 1: one count for every choice
+                self.assertEqual(self.warnings(reply, **params), [])
+
+    def test_a_prompt_the_server_probably_cut(self):
+        text = " ".join("word%d" % n for n in range(3000))  # 3000 words: 3000 tokens at least
+        def reply(prompt_tokens, fingerprint="b6500-1a2b3c4d", **details):
+            usage = dict({"prompt_tokens": prompt_tokens, "completion_tokens": 2}, **details)
+            chunk_ = dict(delta("ok", "stop"), system_fingerprint=fingerprint)
+            return sse(chunk_, {"choices": [], "usage": usage})
+        messages = [{"role": "user", "content": text}]
+        said = self.warnings(reply(2048), messages)
+        self.assertEqual(said, ["the server counted 2048 prompt tokens for the 3000 words sent: it"
+                                " probably cut the prompt to fit its context (raise the server's"
+                                " context length)"])
+        # Ollama says who it is (system_fingerprint "fp_ollama", openai/openai.go)
+        self.assertIn("OLLAMA_CONTEXT_LENGTH", self.warnings(reply(2048, "fp_ollama"), messages)[0])
+        for prompt_tokens, details in ((3000, {}), (4100, {}), (10, {"prompt_tokens_details": {"cached_tokens": 3000}}),
+                                       (10, {"cache_read_input_tokens": 2990})):
+            with self.subTest(prompt_tokens=prompt_tokens, details=details):
+                self.assertEqual(self.warnings(reply(prompt_tokens, **details), messages), [])
+        parts = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        self.assertEqual(len(self.warnings(reply(100), parts)), 1)
+
+    def test_a_tool_call_written_as_text(self):
+        # the formats models write when the server's tool parser is off (vLLM's tool_parsers:
+        # hermes, mistral, llama3_json; mistral-common's tools.py for Mistral's two forms)
+        calls = {
+            "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+            "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+            "mistral, v11": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
+            "llama3_json": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+            "bare JSON": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+            "after words": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>',
+        }
+        for name, text in calls.items():
+            with self.subTest(name):
+                said = self.warnings(sse(delta(text, "stop")), tools=WEATHER)
+                self.assertEqual(len(said), 1, said)
+                self.assertIn("wrote a call of get_weather as text", said[0])
+                self.assertIn("--tool-call-parser " + name.split(",")[0].replace("bare JSON", "llama3_json")
+                              .replace("after words", "hermes"), said[0])
+        # no tool offered by that name, no tools offered, or an answer that only looks like one
+        for text, tools in ((calls["hermes"], [{"type": "function", "function": {"name": "other"}}]),
+                            (calls["bare JSON"], None), ('{"name": "get_weather"}', WEATHER),
+                            ("Wrap calls in <tool_call> tags.", WEATHER), ("get_weather[ARGS]", WEATHER),
+                            ('[TOOL_CALLS]{"name": "get_weather"', WEATHER)):
+            with self.subTest(text=text, tools=tools):
+                self.assertEqual(self.warnings(sse(delta(text, "stop")), tools=tools), [])
+        real = sse(delta(tool_calls=[{"index": 0, "id": "c1", "function": {"name": "get_weather",
+                                                                           "arguments": "{}"}}]), delta(finish="tool_calls"))
+        self.assertEqual(self.warnings(real, tools=WEATHER), [])
+
+    def test_a_failed_or_cancelled_call_has_no_warnings_of_the_answer(self):
+        said = self.warnings(sse(delta(reasoning="Hm"), {"error": {"message": "boom"}}, done=False), max_tokens=4)
+        self.assertEqual(said, [])
+
+
+class ThinkTagTest(LoopbackCase):
+    """A <think> block at the start of the content is reasoning, whole and streamed."""
+
+    REPLY = "<think>\nThe user greets me.\n</think>\n\nHello!"
+
+    def streamed(self, pieces, finish="stop", **options):
+        seen = []
+
+        class Both(Writes):
+            def write_reasoning(self, text):
+                seen.append(("reasoning", text))
+
+            def write(self, text):
+                seen.append(("content", text))
+        steps = sse(*[delta(piece) for piece in pieces] + [delta(None, finish)])
+        response = self.client(self.serve(steps), **options).chat_stream(HI, Both())
+        return response, seen
+
+    def test_a_leading_block_is_reasoning_however_the_pieces_split(self):
+        # vLLM without a reasoning parser, llama.cpp with --reasoning-format none, Ollama before
+        # 0.12.4: the model's <think> block stays in the content
+        text = "  " + self.REPLY
+        for cuts in [(), (1,), (3,), (5, 9), (9, 12), (20,), (30, 31, 32, 33), tuple(range(1, len(text)))]:
+            pieces = [text[a:b] for a, b in zip((0,) + cuts, cuts + (len(text),))]
+            with self.subTest(pieces=pieces):
+                response, seen = self.streamed(pieces)
+                self.assertEqual((response.reasoning, response.content), ("\nThe user greets me.\n", "Hello!"))
+                self.assertEqual("".join(t for kind, t in seen if kind == "content"), "Hello!")
+                self.assertEqual("".join(t for kind, t in seen if kind == "reasoning"), "\nThe user greets me.\n")
+                self.assertNotIn("<", "".join(t for kind, t in seen))
+        whole = self.client(self.serve(answer(message(text)))).chat(HI)
+        self.assertEqual((whole.reasoning, whole.content), ("\nThe user greets me.\n", "Hello!"))
+
+    def test_a_block_cut_by_the_token_limit_is_all_reasoning(self):
+        response, seen = self.streamed(["<think>", "Let me", " think"], "length")
+        self.assertEqual((response.reasoning, response.content, response.stop_reason), ("Let me think", "", "length"))
+        self.assertEqual([kind for kind, _ in seen], ["reasoning", "reasoning"])
+        whole = self.client(self.serve(answer(message("<think>Let me think", "length")))).chat(HI)
+        self.assertEqual((whole.reasoning, whole.content), ("Let me think", ""))
+
+    def test_only_the_leading_block(self):
+        for text in ("Hello <think>not reasoning</think>", "Hello!\n<think>x</think>", "<thinking>x</thinking>",
+                     "<th", "<", "", "   "):
+            with self.subTest(text=text):
+                response, seen = self.streamed([text[:2], text[2:]] if text else [])
+                self.assertEqual((response.content, response.reasoning), (text, ""))
+                self.assertEqual("".join(t for _, t in seen), text)
+        response, _ = self.streamed(["<think>a</think>", "b <think>c</think>"])
+        self.assertEqual((response.reasoning, response.content), ("a", "b <think>c</think>"))
+
+    def test_the_content_exactly_as_sent_when_asked(self):
+        response, seen = self.streamed(["<think>a</thi", "nk>b"], think_tags=False)
+        self.assertEqual((response.content, response.reasoning), ("<think>a</think>b", ""))
+        self.assertEqual(seen, [("content", "<think>a</thi"), ("content", "nk>b")])
+
+    def test_reasoning_sent_as_a_field_is_kept_before_the_blocks(self):
+        steps = sse(delta(reasoning="field "), delta("<think>tag</think>answer", "stop"))
+        response = self.client(self.serve(steps)).chat_stream(HI, Writes())
+        self.assertEqual((response.reasoning, response.content), ("field tag", "answer"))
+
+
+class ResendTest(LoopbackCase):
+    """One resend for a known refusal, remembered per client, reported in warnings."""
+
+    # OpenAI's newer models (confirmed verbatim in several recordings, e.g. vscode-copilot-release 8065)
+    MAX_TOKENS = (400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with"
+                                  " this model. Use 'max_completion_tokens' instead.",
+                                  "type": "invalid_request_error", "param": "max_tokens",
+                                  "code": "unsupported_parameter"}})
+    # LM Studio (lmstudio-ai/lmstudio-bug-tracker issues 169 and 307; "or 'text'" later)
+    JSON_OBJECT = (400, {"error": "'response_format.type' must be 'json_schema' or 'text'"})
+
+    def test_max_tokens_is_sent_as_max_completion_tokens(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                server = self.serve(answer(self.MAX_TOKENS[1], self.MAX_TOKENS[0]), answer(message("ok")))
+                client = self.client(server)
+                call = (lambda **p: client.chat_stream(HI, Writes(), **p)) if stream else (lambda **p: client.chat(HI, **p))
+                response = call(max_tokens=5)
+                self.assertEqual((response.content, response.error), ("ok", ""))
+                sent = [request.json() for request in server.requests]
+                self.assertEqual([(b.get("max_tokens"), b.get("max_completion_tokens")) for b in sent],
+                                 [(5, None), (None, 5)])
+                self.assertEqual(response.warnings, ["the server refuses max_tokens: the client sent the"
+                                                     " limit as max_completion_tokens instead"])
+                self.assertEqual(call(max_tokens=7).warnings, response.warnings)  # remembered, and said
+                self.assertEqual(server.requests[2].json().get("max_completion_tokens"), 7)
+                self.assertEqual(len(server.requests), 3)
+                self.assertEqual(call().warnings, [])  # nothing to change
+
+    def test_json_object_is_asked_as_a_json_schema(self):
+        server = self.serve(answer(self.JSON_OBJECT[1], self.JSON_OBJECT[0]), answer(message("{}")))
+        response = self.client(server).chat(HI, response_format={"type": "json_object"})
+        self.assertEqual((response.content, response.error), ("{}", ""))
+        self.assertEqual(server.requests[1].json()["response_format"], {
+            "type": "json_schema", "json_schema": {"name": "json_object", "schema": {"type": "object"}}})
+        self.assertEqual(len(response.warnings), 1)
+        self.assertIn("json_schema", response.warnings[0])
+
+    def test_never_twice_and_never_on_a_mere_mention(self):
+        # the same refusal again after the resend: reported, not resent for ever
+        server = self.serve(answer(self.MAX_TOKENS[1], 400))
+        response = self.client(server).chat(HI, max_tokens=5)
+        self.assertEqual((response.stop_reason, len(server.requests)), ("error", 2))
+        # an error that only mentions the fields: FastAPI's echo of the body, other words
+        others = [(400, {"error": {"message": "temperature too high; max_tokens and max_completion_tokens"
+                                   " are fine", "param": "temperature"}}),
+                  (422, {"detail": [{"type": "value_error", "loc": ["body"], "msg": "bad tool_choice",
+                                     "input": {"max_tokens": 5, "response_format": {"type": "json_object"}}}]}),
+                  (500, self.MAX_TOKENS[1])]
+        for status, body in others:
+            with self.subTest(body=str(body)[:60]):
+                server = self.serve(answer(body, status))
+                response = self.client(server).chat(HI, max_tokens=5, response_format={"type": "json_object"})
+                self.assertEqual((response.stop_reason, len(server.requests)), ("error", 1))
+
+    def test_the_policy_reads_the_field_the_server_names(self):
+        def refusal(body, status, answer_):
+            return llm._refusal(body, status, json.dumps(answer_).lower())
+        asked = {"max_tokens": 5, "response_format": {"type": "json_object"}, "stream_options": llm._ASK_USAGE}
+        self.assertEqual(refusal(asked, *self.MAX_TOKENS), "max_tokens")
+        self.assertEqual(refusal(asked, *self.JSON_OBJECT), "json_object")
+        self.assertEqual(refusal({"max_tokens": 5, "max_completion_tokens": 5}, *self.MAX_TOKENS), None)
+        self.assertEqual(refusal({}, *self.MAX_TOKENS), None)
+        self.assertEqual(refusal({"response_format": {"type": "text"}}, *self.JSON_OBJECT), None)
+        self.assertEqual(refusal(asked, 429, self.MAX_TOKENS[1]), None)
+
+
+class ServerTimingsTest(LoopbackCase):
+    """llama.cpp's own timings (tools/server/server-common.cpp), kept as numbers."""
+
+    TIMINGS = {"cache_n": 70, "prompt_n": 12, "prompt_ms": 35.2, "prompt_per_token_ms": 2.93,
+               "prompt_per_second": 340.9, "predicted_n": 20, "predicted_ms": 410.0,
+               "predicted_per_token_ms": 21.6, "predicted_per_second": 46.3}
+
+    def test_timings_whole_and_on_the_last_chunk_with_or_without_usage(self):
+        usage = {"prompt_tokens": 82, "completion_tokens": 20, "total_tokens": 102}
+        whole = dict(message("Hi"), usage=usage, timings=self.TIMINGS)
+        replies = [answer(whole),
+                   sse(delta("Hi"), dict(delta(None, "stop"), timings=self.TIMINGS)),
+                   sse(delta("Hi"), delta(None, "stop"), {"choices": [], "usage": usage, "timings": self.TIMINGS})]
+        for steps in replies:
+            with self.subTest(steps=str(steps)[-90:]):
+                response = self.client(self.serve(steps)).chat_stream(HI, Writes())
+                self.assertEqual(response.timings, self.TIMINGS)
+        self.assertIsNone(self.client(self.serve(sse(delta("Hi", "stop")))).chat_stream(HI, Writes()).timings)
+
+    def test_only_numbers_are_kept(self):
+        odd = dict(self.TIMINGS, note="x" * 1000, nested={"deeper": [1, 2]}, flag=True)
+        response = self.client(self.serve(answer(dict(message("Hi"), usage={"prompt_tokens": 1},
+                                                      timings=odd)))).chat(HI)
+        self.assertEqual(response.timings, self.TIMINGS)
+
+
 class SetupErrorTest(LoopbackCase):
     def test_404_and_405_name_the_method_and_url_tried(self):
         server = self.serve(answer({"detail": "Not Found"}, 404), answer({"error": "no"}, 405))

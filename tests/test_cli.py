@@ -308,7 +308,8 @@ class JSONTest(CommandLineCase):
                                  "headers": {"content-type": "text/event-stream",
                                              "transfer-encoding": "chunked"},
                                  "first_token_seconds": reply["first_token_seconds"],
-                                 "total_seconds": reply["total_seconds"]})
+                                 "total_seconds": reply["total_seconds"], "timings": None,
+                                 "warnings": [], "error_kind": "", "overflow": None})
         self.assertLessEqual(0, reply["first_token_seconds"])
         self.assertLessEqual(reply["first_token_seconds"], reply["total_seconds"])
 
@@ -357,6 +358,36 @@ class JSONTest(CommandLineCase):
         self.assertEqual((result.status, result.out), (0, "Hello\n"))
         self.assertRegex(result.err, r"^1(0{400}) tokens, first token after \d+\.\d\d s,"
                                      r" \d+\.\d\d s in all\n$")
+
+    def test_warnings_go_to_stderr_and_leave_the_status_alone(self):
+        usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 50, "total_tokens": 55}}
+        server = self.serve(sse(delta("a long answer", "stop"), usage))
+        result = self.run_cli("--max-tokens", "8", "Hi", server=server)
+        self.assertEqual((result.status, result.out), (0, "a long answer\n"))
+        self.assertEqual(result.err, "warning: the server made 50 tokens where the request allowed 8:"
+                                     " it ignored the limit\n")
+        reply = json.loads(self.run_cli("--json", "--max-tokens", "8", "Hi", server=server).out)
+        self.assertEqual(reply["warnings"], [result.err[len("warning: "):-1]])
+
+    def test_json_of_a_context_overflow_has_its_kind_and_numbers(self):
+        # llama.cpp's structured error (tools/server/server-common.cpp)
+        body = {"error": {"code": 400, "message": "request (5000 tokens) exceeds the available context"
+                          " size (4096 tokens), try increasing it", "type": "exceed_context_size_error",
+                          "n_prompt_tokens": 5000, "n_ctx": 4096}}
+        result = self.run_cli("--json", "Hi", server=self.serve(answer(body, 400)))
+        reply = json.loads(result.out)
+        self.assertEqual((result.status, reply["error_kind"], reply["overflow"]),
+                         (1, "context_overflow", {"prompt_tokens": 5000, "context_length": 4096}))
+
+    def test_stats_show_the_servers_own_timings(self):
+        timings = {"cache_n": 70, "prompt_n": 12, "prompt_ms": 35.2, "prompt_per_token_ms": 2.93,
+                   "prompt_per_second": 340.9, "predicted_n": 20, "predicted_ms": 410.0,
+                   "predicted_per_token_ms": 21.6, "predicted_per_second": 46.3}
+        usage = {"prompt_tokens": 82, "completion_tokens": 20, "total_tokens": 102}
+        server = self.serve(sse(delta("Hi", "stop"), {"choices": [], "usage": usage, "timings": timings}))
+        lines = self.run_cli("--stats", "Hi", server=server).err.splitlines()
+        self.assertEqual(lines[1], "server: 12 prompt tokens at 340.9 tokens/s, 20 generated tokens at"
+                                   " 46.3 tokens/s, 70 prompt tokens from its cache")
 
     def test_json_keeps_non_ascii_readable(self):
         server = self.serve(sse(delta("caf\u00e9", "stop")))

@@ -30,7 +30,13 @@ def snippets():
 def model(request):
     """Answer as a model would: a tool call when tools are offered and none ran yet."""
     body = request.json()
-    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    words = sum(len(str(message.get("content") or "").split()) for message in body["messages"])
+    usage = {"prompt_tokens": 9 + words, "completion_tokens": 3, "total_tokens": 12 + words}
+    if len(body["messages"]) > 4:  # a small context: llama.cpp's own answer when it is full
+        return answer({"error": {"code": 400, "message": "request (5000 tokens) exceeds the available"
+                                 " context size (4096 tokens), try increasing it",
+                                 "type": "exceed_context_size_error", "n_prompt_tokens": 5000,
+                                 "n_ctx": 4096}}, 400)
     if body.get("stream"):
         return sse(delta("2, 3 "), delta("and 5.", "stop"), {"choices": [], "usage": usage})
     if body.get("tools") and body["messages"][-1]["role"] != "tool":
@@ -72,6 +78,16 @@ class ReadmeSnippetTest(LoopbackCase):
                          {"role": "tool", "content": "42", "tool_call_id": "call_1"})
         self.assertRegex(outputs["speed"], r"^first token after [0-9.e-]+ s, [0-9.]+ s in all,"
                                            r" 3 tokens\nrequest id: req-123\n'42' -0.01\n$")
+
+    def test_the_history_trimming_loop_forgets_the_oldest_turn_when_the_context_is_full(self):
+        server = self.serve(model)
+        code = [code for code in snippets() if "context_overflow" in code][0]
+        result = run([sys.executable, "-c", URL.sub('"%s"' % server.url, code)], cwd=ROOT)
+        self.assertEqual((result.out, result.err), ("42\n42\n42\n", ""))
+        sent = [[m["content"] for m in request.json()["messages"][1:]] for request in server.requests]
+        self.assertEqual(sent, [["What is 2 + 2?"], ["What is 2 + 2?", "42", "And times 10?"],
+                                ["What is 2 + 2?", "42", "And times 10?", "42", "And minus 1?"],
+                                ["And times 10?", "42", "And minus 1?"]])
 
 
 if __name__ == "__main__":

@@ -813,3 +813,79 @@ class VLLMReplayTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# ---------------------------------------------------------------- what the client tells of them
+
+
+def recorded_request(name, folder):
+    """The JSON body of the request a recording answered (ASK for one that is no JSON)."""
+    with open(os.path.join(folder, name + ".txt"), encoding="utf-8") as f:
+        lines = [line[4:] for line in f if line.startswith("#   {")]
+    try:
+        return json.loads(lines[-1])
+    except ValueError:  # the malformed requests of error_bad_json
+        return {"messages": ASK}
+
+
+class ToldTest(unittest.TestCase):
+    """Warnings, error kinds and server timings, from what the real servers sent."""
+
+    def recordings(self):
+        for folder in (DATA, VLLM):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".bin"):
+                    yield folder, name[:-4]
+
+    def test_no_recorded_reply_gets_a_warning(self):
+        # none of these replies is wrong in a way the client could tell: a warning on any of
+        # them would be one the reply does not deserve
+        for folder, name in self.recordings():
+            request = recorded_request(name, folder)
+            data, _ = recording(name, folder)
+            params = {key: value for key, value in request.items()
+                      if key not in ("model", "messages", "stream", "stream_options")}
+            with self.subTest(recording=os.path.basename(folder) + "/" + name), Replay([data]) as server:
+                client = client_for(server)
+                call = client.chat_stream if request.get("stream") else lambda m, **p: client.chat(m, **p)
+                response = call(request["messages"], Writes(), **params) if request.get("stream") \
+                    else call(request["messages"], **params)
+                client.close()
+                self.assertEqual(response.warnings, [])
+
+    def test_a_context_overflow_is_its_kind_with_the_servers_numbers(self):
+        for folder, name, numbers in ((DATA, "error_context", {"prompt_tokens": 42059, "context_length": 4096}),
+                                      (DATA, "error_context_stream", None), (VLLM, "error_context", None)):
+            data, _ = recording(name, folder)
+            with self.subTest(recording=os.path.basename(folder) + "/" + name):
+                response, _, _ = replay(data, streamed="stream" in name)
+                self.assertEqual(response.error_kind, "context_overflow", response)
+                if numbers:
+                    self.assertEqual(response.overflow, numbers)
+                else:  # what the bytes say, read by hand
+                    said = [int(word) for word in response.error.replace("(", " ").split() if word.isdigit()]
+                    self.assertEqual(sorted(response.overflow.values()), sorted(said[:2]), response.error)
+
+    def test_the_other_recorded_errors_and_their_kinds(self):
+        kinds = {(DATA, "error_auth"): "auth", (DATA, "error_bad_json"): "server",
+                 (VLLM, "error_auth"): "auth", (VLLM, "error_bad_json"): "bad_request",
+                 (VLLM, "error_unknown_model"): "not_found", (VLLM, "error_unknown_path"): "not_found"}
+        for (folder, name), kind in kinds.items():
+            data, _ = recording(name, folder)
+            with self.subTest(recording=os.path.basename(folder) + "/" + name):
+                response, _, _ = replay(data, streamed=False)
+                self.assertEqual((response.stop_reason, response.error_kind), ("error", kind))
+
+    def test_llama_servers_timings_are_kept_as_numbers(self):
+        for name, streamed in (("chat", False), ("chat_length", False), ("stream_usage", True),
+                               ("stream_no_usage", True)):
+            data, _ = recording(name)
+            with self.subTest(recording=name):
+                response, _, _ = replay(data, streamed=streamed)
+                body = split_answer(data)[1].decode("utf-8")
+                sent = [json.loads(event[6:]) for event in body.split("\n\n")
+                        if event.startswith("data: {")] if streamed else [json.loads(body)]
+                timings = [chunk["timings"] for chunk in sent if "timings" in chunk][-1]
+                self.assertEqual(response.timings, timings)
+                self.assertEqual(set(timings) >= {"prompt_n", "prompt_per_second", "predicted_per_second",
+                                                  "cache_n"}, True)
