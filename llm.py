@@ -60,6 +60,7 @@ _ERROR_BODY_LIMIT = 65536  # bytes of an error body that are read
 _ERROR_TEXT_LIMIT = 300  # characters of a server's message that are kept
 _MAX_TRAILERS = 65536  # bytes of trailer lines read after a chunked body's last chunk
 _RETRY_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504))
+_CROSSING = 0.05  # seconds: a close this soon after a request crossed it (see _unread)
 _BACKOFF_FIRST, _BACKOFF_CAP, _RETRY_AFTER_CAP = 0.5, 30.0, 120.0
 _STOP_REASONS = {
     "stop": "stop", "end_turn": "stop", "eos": "stop", "eos_token": "stop",
@@ -1324,6 +1325,7 @@ class _Exchange:
             if connection.sock is None:
                 self._connect(connection)
             self.guard.attach(connection.sock)
+            sent_at = time.monotonic()
             try:
                 if data is None:
                     connection.request("GET", client._models_path, headers=headers)
@@ -1335,8 +1337,8 @@ class _Exchange:
                 connection.close()
                 if self.guard.cancelled:
                     raise _Cancelled()
-                if reused and _unread(exc):  # the server closed it while it was idle: one fresh try
-                    reused = False
+                if reused and _unread(exc, time.monotonic() - sent_at, connection):
+                    reused = False  # the server closed it as it went idle: one fresh try
                     continue
                 raise _Failure(_network_error(exc, client), "network", retryable=True)
             except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -1350,6 +1352,7 @@ class _Exchange:
             timeout = min(timeout, guard.remaining())
         connection.timeout = timeout
         where = _peer(client)
+        started = time.monotonic()
         try:
             guard.connect(connection)
         except socket.gaierror as exc:
@@ -1369,6 +1372,7 @@ class _Exchange:
             connection.close()
             raise _Failure("cannot connect to %s: %s" % (where, _describe(exc)), "network",
                            retryable=isinstance(exc, ConnectionError))
+        connection.round_trip = time.monotonic() - started  # type: ignore[attr-defined]
         sock = connection.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(client._read_timeout)
@@ -1519,20 +1523,13 @@ class _FinalResponse(http.client.HTTPResponse):
     It skips every interim (1xx) response, not only ``100 Continue``: RFC 9110
     asks clients to accept any number of them (``102 Processing``, ``103 Early
     Hints``) before the final one, and taking one as the answer would leave the
-    real answer in the socket, to be read as the next call's. It tells a request
-    the server refused unread from one it may have read, and it bounds trailers.
+    real answer in the socket, to be read as the next call's. It also bounds trailers.
     """
 
     unfinished = False  # trailers were left unread: the connection cannot be reused
 
     def _read_status(self) -> "Tuple[str, int, str]":
-        try:
-            version, status, reason = super()._read_status()  # type: ignore[misc]
-        except http.client.RemoteDisconnected:
-            if _refused(getattr(self.fp.raw, "_sock", None)):
-                raise ConnectionResetError("the server closed the connection before the"
-                                           " request reached it")
-            raise  # the server may have read the request: it is not sent again unasked
+        version, status, reason = super()._read_status()  # type: ignore[misc]
         while 100 <= status < 200 and status != 101:  # 101: a protocol switch, never asked for
             http.client.parse_headers(self.fp)  # the interim response's headers, skipped
             version, status, reason = super()._read_status()  # type: ignore[misc]
@@ -1606,19 +1603,6 @@ class _Slot:
     def __del__(self) -> None:
         if self.connection is not None:
             self.connection.close()
-
-
-def _refused(sock: "Any") -> bool:
-    """Whether the server's TCP refused the request just sent on ``sock`` (a reset).
-
-    A server that closes an idle connection just as a request is on its way
-    answers the request with a reset, after its close: it never read it. A
-    server that read the request and then closed sends no reset.
-    """
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-    except (AttributeError, OSError):
-        return False
 
 
 def _quiet(sock: "Any") -> bool:
@@ -2594,14 +2578,21 @@ def _message_of(value: "Any", depth: int = 0) -> str:
 
 
 
-def _unread(exc: BaseException) -> bool:
-    """Whether a connection that failed before any answer never had its request read.
+def _unread(exc: BaseException, waited: float, connection: "Any") -> bool:
+    """Whether a kept-alive connection that failed before any answer never had its request read.
 
-    A reset, or a pipe broken while sending, says that the server did not take the
-    request; a plain close may come after the server read it (a worker killed
-    mid-generation), and such a request is not sent again unasked.
+    The server did not take it when it reset the connection (it closed it with the
+    request unread), or a pipe broke while sending, or it closed it sooner than a
+    round trip after the request went out: its close crossed the request on the way
+    (llama.cpp's server closes connections right after a streamed answer, and idle
+    ones at their keep-alive timeout). A close that came later may follow a read (a
+    worker killed mid-generation, a proxy timing out): that request is not sent again
+    unasked. The round trip is the connection's TCP connect, twice, and never less than
+    _CROSSING, for a busy machine's delays.
     """
-    return isinstance(exc, ConnectionError) and not isinstance(exc, http.client.RemoteDisconnected)
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return waited < max(2 * getattr(connection, "round_trip", 0.0), _CROSSING)
+    return isinstance(exc, ConnectionError)
 
 
 # signs that an error is a context overflow, in any server's words (lower case): OpenAI's

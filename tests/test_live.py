@@ -394,6 +394,9 @@ class LiveTestCase(unittest.TestCase):
         self.assertIn(reply.stop_reason, reasons, reply)
         self.assertEqual(reply.status, 200, reply)
         self.assertEqual(reply.role, "assistant")
+        self.assertEqual(reply.error_kind, "")
+        # none of the replies this suite asks for is wrong in a way the client can tell
+        self.assertEqual(reply.warnings, [], reply)
 
     def assertUsage(self, usage):
         self.assertIsInstance(usage, dict)
@@ -720,6 +723,12 @@ class Errors(LiveTestCase):
         self.assertIn(message[:100], reply.error)
         self.assertNotIn("\n", reply.error)
         self.assertLessEqual(len(reply.error), 400)
+        self.assertEqual(reply.error_kind, "context_overflow", reply)
+        numbers = reply.overflow or {}
+        if "context_length" in numbers and server().n_ctx:
+            self.assertEqual(numbers["context_length"], server().n_ctx, reply)
+        if "prompt_tokens" in numbers:  # each word one token at least
+            self.assertGreaterEqual(numbers["prompt_tokens"], len(messages[0]["content"].split()))
         return reply
 
     def test_prompt_beyond_context_gives_error_with_server_message(self):
@@ -792,6 +801,8 @@ class Auth(unittest.TestCase):
         self.assertGreaterEqual(status, 400, message)
         self.assertEqual(reply.status, status, reply)
         self.assertTrue(reply.error.startswith("HTTP %d" % status), reply.error)
+        if status in (401, 403):
+            self.assertEqual(reply.error_kind, "auth")
         if status != 401:
             self.skipTest("the server answers a %s key with HTTP %d, not 401: %s"
                           % ("wrong" if key else "missing", status, message))
@@ -1228,6 +1239,26 @@ class LlamaServerWords(ServerWordsCase):
         self.assertEqual(reply.status, 400)
         self.assertRegex(reply.error, r"^HTTP 400: request \(\d+ tokens\) exceeds the available"
                                       r" context size \(\d+ tokens\)")
+        # its structured error: n_prompt_tokens and n_ctx (tools/server/server-task.cpp)
+        self.assertEqual((reply.error_kind, sorted(reply.overflow)),
+                         ("context_overflow", ["context_length", "prompt_tokens"]))
+        self.assertEqual(reply.overflow["context_length"], server().n_ctx)
+        self.assertIn("request (%d tokens)" % reply.overflow["prompt_tokens"], reply.error)
+
+    def test_timings_of_a_reply_whole_and_streamed(self):
+        for reply in (self.client.chat(ASK, max_tokens=8),
+                      self.client.chat_stream(ASK, Recorder(), max_tokens=8),
+                      self.client.chat_stream(ASK, Recorder(), max_tokens=8,
+                                              stream_options={"include_usage": False})):
+            self.assertAnswered(reply)
+            timings = reply.timings
+            self.assertIsInstance(timings, dict, reply)
+            for name in ("prompt_n", "predicted_n"):
+                self.assertIsInstance(timings.get(name), int, timings)
+            for name in ("prompt_ms", "prompt_per_second", "predicted_ms", "predicted_per_second"):
+                self.assertIsInstance(timings.get(name), (int, float), timings)
+            self.assertEqual(timings["predicted_n"], reply.usage["completion_tokens"]
+                             if reply.usage else timings["predicted_n"])
 
     def test_stream_cut_by_server_error_keeps_partial_text_and_message(self):
         # A request with a long prompt fills most of the KV cache that the
@@ -1307,6 +1338,10 @@ class VLLMWords(ServerWordsCase):
         self.assertRegex(reply.error, r"^HTTP 400: This model's maximum context length is"
                                       r" \d+ tokens\. However, ")
         self.assertEqual(out.writes, [])
+        # the numbers in its words
+        self.assertEqual((reply.error_kind, reply.overflow["context_length"]),
+                         ("context_overflow", server().n_ctx))
+        self.assertIn("%d input tokens" % reply.overflow["prompt_tokens"], reply.error)
 
     def test_context_overflow_is_400_maximum_context_length(self):
         self.check_overflow(streamed=False)
