@@ -989,7 +989,7 @@ class _Call:
 
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
         exchange, assembler, on_reasoning = self.exchange, self.assembler, self.on_reasoning
-        reasoning = assembler.reasoning
+        guard, reasoning = self.guard, assembler.reasoning
         max_bytes = budget = self.client._max_bytes
         decoder = _SSEDecoder(max_bytes)
         event = assembler.event
@@ -1000,6 +1000,9 @@ class _Call:
             if budget < 0:
                 exchange.too_large()
             for kind, payload in decoder.feed(data) if data else decoder.close():
+                # one read may hold many events: a cancel or the deadline between two ends the call
+                if guard.cancelled or guard.expired:
+                    raise _Failure("cancelled")
                 text = event(kind, payload)
                 if waiting and assembler.began:
                     waiting, self.first_token = False, time.monotonic() - self.started
@@ -1014,7 +1017,7 @@ class _Call:
             if not data:
                 break
             data = exchange.read(answer)
-        if self.guard.cancelled:  # the deadline's own end is told apart by run()
+        if guard.cancelled:  # the deadline's own end is told apart by run()
             raise _Failure("cancelled")
         assembler.ended(budget < max_bytes)
 
