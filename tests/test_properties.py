@@ -345,5 +345,413 @@ class DecoderCutTest(unittest.TestCase):
                                    cut_twice_anywhere)
 
 
+# ---------------------------------------------------------------- 3. every field, however made
+
+
+DEFAULTS = {"content": "", "role": "assistant", "stop_reason": "stop", "error": "", "status": 0,
+            "usage": None, "tool_calls": [], "reasoning": "", "refusal": "", "model": "", "id": "",
+            "logprobs": None, "first_token_seconds": None, "total_seconds": 0.0}
+MEASURED = object()  # a duration the call measured: a float >= 0
+
+
+def documented_fields():
+    """The field names of the README's Response table and of Response's docstring."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text.split("### `llm.Response`", 1)[1].split("\n\n", 2)[1]
+    names = set()
+    for row in table.splitlines()[2:]:
+        names.update(re.findall(r"`(\w+)`", row.split("|")[1]))
+    names.update(re.findall(r"``(\w+)``:", llm.Response.__doc__))
+    names.update(re.findall(r"``(\w+)`` and ``(\w+)`` as the server", llm.Response.__doc__)[0])
+    return names
+
+
+class NoWrite:
+    write = 5
+
+
+class WriteRaises:
+    @property
+    def write(self):
+        raise RuntimeError("no write here")
+
+
+class EveryFieldTest(LoopbackCase):
+    """Every Response has every documented field, with its default unless the call set it."""
+
+    def assert_every_field(self, response, **given):
+        expected = dict(DEFAULTS, **given)
+        for name, value in sorted(expected.items()):
+            self.assertTrue(hasattr(response, name), "no %s" % name)
+            got = getattr(response, name)
+            if value is MEASURED:
+                self.assertIsInstance(got, float, name)
+                self.assertGreaterEqual(got, 0.0, name)
+            elif callable(value):
+                self.assertTrue(value(got), "%s is %r" % (name, got))
+            else:
+                self.assertEqual((type(got), got), (type(value), value), name)
+        self.assertIsInstance(response.headers, http.client.HTTPMessage)
+        self.assertEqual(list(response.headers.items()), [])
+        self.assertEqual(response.headers.get("x-request-id"), None)
+        self.assertIs(response.ok, expected["stop_reason"] not in ("error", "cancelled"))
+        self.assertEqual(response.to_message(), {"role": "assistant", "content": expected["content"]})
+        repr(response)
+
+    def test_the_checked_fields_are_every_documented_and_every_public_one(self):
+        checked = set(DEFAULTS) | {"headers", "ok"}
+        public = {name for name in llm.Response.__slots__ if not name.startswith("_")}
+        self.assertLessEqual(documented_fields() | public, checked)
+        self.assertIn("logprobs", documented_fields())
+
+    def test_a_response_made_by_hand(self):
+        self.assert_every_field(llm.Response())
+        self.assert_every_field(llm.Response("Hi"), content="Hi")
+        self.assert_every_field(llm.Response("", "cancelled"), stop_reason="cancelled")
+        self.assert_every_field(llm.Response("a", "error", "it broke"), content="a",
+                                stop_reason="error", error="it broke")
+        self.assert_every_field(llm.Response(content="a", stop_reason="length"), content="a",
+                                stop_reason="length")
+
+    def test_chat_stream_refusing_its_out(self):
+        server = self.serve(sse(delta("x", "stop")))
+        client = self.client(server)
+        for out in (object(), None, 5, "text", NoWrite(), WriteRaises()):
+            with self.subTest(out=type(out).__name__):
+                response = client.chat_stream(HI, out)
+                self.assert_every_field(response, stop_reason="error", error=lambda error: (
+                    error.startswith("out must have a write(str) method")))
+        self.assertEqual(server.requests, [])
+
+    def test_a_call_refused_for_its_arguments(self):
+        server = self.serve(sse(delta("x", "stop")))
+        client = self.client(server)
+
+        def streamed(messages, **params):
+            stream = client.stream(messages, **params)
+            self.assertEqual(list(stream), [])
+            return stream.response
+        calls = [("chat", client.chat), ("stream", streamed),
+                 ("chat_stream", lambda m, **p: client.chat_stream(m, Writes(), **p))]
+        for (how, call), (messages, params) in itertools.product(calls, [
+                ("not a list", {}), ([{"content": "no role"}], {}), (HI, {"temperature": object()}),
+                ([llm.Message("user", [llm.image(os.path.join(ROOT, "no such image.png"))])], {})]):
+            with self.subTest(how=how, messages=messages, params=params):
+                self.assert_every_field(call(messages, **params), stop_reason="error",
+                                        error=bool, total_seconds=MEASURED)
+        refused = llm.Client(server.url, timeout=-1)
+        self.assert_every_field(refused.chat(HI), stop_reason="error", error=bool,
+                                total_seconds=MEASURED)
+        self.assertEqual(server.requests, [])
+
+    @unittest.skipUnless(os.name == "posix", "POSIX signals")
+    def test_the_command_line_after_a_second_ctrl_c_prints_every_field(self):
+        printed = {"content": "", "stop_reason": "cancelled", "error": "", "status": 0, "model": "",
+                   "id": "", "usage": None, "tool_calls": [], "reasoning": "", "refusal": "",
+                   "logprobs": None, "headers": {}, "first_token_seconds": None, "total_seconds": 0.0}
+        self.assertEqual(set(printed), documented_fields() - {"role", "ok"})  # the whole response
+        for extra in ([], ["--no-stream"]):
+            with self.subTest(options=extra):
+                asked = threading.Event()
+                server = self.serve([asked.set, HANG])
+                process = subprocess.Popen(
+                    [sys.executable, "-c", SECOND_CTRL_C, ROOT, "--json", "--base-url", server.url]
+                    + extra + ["Hi"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=cli_environment())
+                self.addCleanup(stop, process)
+                self.assertTrue(asked.wait(WAIT), "the request did not come")
+                process.send_signal(signal.SIGINT)
+                read_until(process.stderr, b"cancel asked\n")
+                process.send_signal(signal.SIGINT)  # while the call still waits for its answer
+                out, err = process.communicate(timeout=WAIT)
+                self.assertEqual((process.returncode, err.decode()), (130, "[stopped]\n"))
+                self.assertEqual(json.loads(out.decode()), printed)
+
+
+# The command line with a cancel that does not end the call (as one waiting for a lock would
+# not): the first Ctrl-C asks for it, and only a second one stops the wait.
+SECOND_CTRL_C = """\
+import sys
+sys.path.insert(0, sys.argv[1])
+import llm
+
+
+def cancel(client):
+    sys.stderr.write("cancel asked\\n")
+    sys.stderr.flush()
+
+
+llm.Client.cancel = cancel
+sys.exit(llm._main(sys.argv[2:]))
+"""
+
+
+def stop(process):
+    if process.poll() is None:
+        process.kill()
+    process.wait(WAIT)
+    process.stdout.close()
+    process.stderr.close()
+
+
+# ---------------------------------------------------------------- 4. to_message() keeps the text
+
+
+TOOL_CALL = {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "look", "arguments": '{"at": "sky"}'}}
+
+
+def reply_parts(text, calls, refusal, reasoning, legacy):
+    """A reply as a server sends it, whole and streamed: (whole reply, stream chunks)."""
+    fields = {"content": text or None}
+    if calls:
+        if legacy:
+            fields["function_call"] = dict(TOOL_CALL["function"])
+        else:
+            fields["tool_calls"] = [dict(TOOL_CALL, index=n, id="call_%d" % n) for n in range(calls)]
+    if refusal:
+        fields["refusal"] = refusal
+    if reasoning:
+        fields["reasoning_content"] = reasoning
+    finish = ("function_call" if legacy else "tool_calls") if calls else "stop"
+    whole = message(**dict(fields, finish=finish))
+    chunks = [delta(**{key: value}) for key, value in fields.items() if value is not None]
+    return whole, chunks + [delta(finish=finish)]
+
+
+def assert_keeps_the_text(test, reply, text, calls, refusal, reasoning, legacy):
+    """The message of a reply of this text, tool calls, refusal and reasoning."""
+    said = reply.to_message()
+    json.dumps(said)
+    if text:
+        test.assertEqual(said["content"], text)  # beside tool calls and a refusal too
+    elif calls or refusal:
+        test.assertIsNone(said["content"])
+    else:
+        test.assertEqual(said["content"], "")
+    test.assertEqual(("function_call" in said, "tool_calls" in said),
+                     (bool(calls) and legacy, bool(calls) and not legacy))
+    if calls and not legacy:
+        test.assertEqual([call["function"]["name"] for call in said["tool_calls"]], ["look"] * calls)
+    test.assertEqual(said.get("refusal", ""), refusal)
+    test.assertEqual(said.get("reasoning_content", ""), reasoning)
+    test.assertEqual(said["role"], "assistant")
+
+
+class ToMessageTest(LoopbackCase):
+    """``to_message()`` keeps the text: content is None only with no text and calls or a refusal."""
+
+    def test_every_mix_of_text_tool_calls_refusal_and_reasoning(self):
+        cases = list(itertools.product(["", "Let me look."], [0, 1, 2], ["", "I cannot."],
+                                       ["", "Hmm."], [False, True]))
+        cases = [case for case in cases if not (case[4] and case[1] != 1)]  # one legacy call
+        served = {}
+
+        def reply_for(request):
+            whole, chunks = served[request.json()["messages"][-1]["content"]]
+            return at_once(sse(*chunks)) if request.json()["stream"] else answer(whole)
+        client = self.client(self.serve(reply_for))
+        for number, case in enumerate(cases):
+            served[str(number)] = reply_parts(*case)
+            for how in ("chat", "chat_stream"):
+                with self.subTest(case=case, how=how):
+                    reply = client.chat(say(str(number))) if how == "chat" else \
+                        client.chat_stream(say(str(number)), Writes())
+                    self.assertTrue(reply.ok, reply.error)
+                    assert_keeps_the_text(self, reply, *case)
+
+    def test_the_text_beside_a_tool_call_goes_back_in_the_history(self):
+        server = self.serve(sse(delta("Let me look."), delta(tool_calls=[TOOL_CALL])),
+                            sse(delta("Blue.", "stop")))
+        client = self.client(server)
+        history = say("What colour is the sky?")
+        reply = client.chat_stream(history, Writes())
+        history.append(reply.to_message())
+        history.append(llm.Message("tool", "blue", tool_call_id="call_1"))
+        self.assertEqual(client.chat(history).stop_reason, "stop")
+        sent = server.requests[1].json()["messages"][1]
+        self.assertEqual((sent["content"], sent["tool_calls"][0]["id"]), ("Let me look.", "call_1"))
+
+    def test_made_by_hand(self):
+        self.assertEqual(llm.Response().to_message(), {"role": "assistant", "content": ""})
+        reply = llm.Response("Let me look.", "tool_calls")
+        reply.tool_calls = [llm.ToolCall("call_1", "look", "{}")]
+        self.assertEqual(reply.to_message()["content"], "Let me look.")
+        reply.content = ""
+        self.assertIsNone(reply.to_message()["content"])
+
+
+# ---------------------------------------------------------------- 5. nothing raises, ever
+
+
+def lifetime_answer(request):
+    """What the lifetime tests' server answers: the last message says which case it is."""
+    if request.path.endswith("/models"):
+        return answer({"object": "list", "data": [{"id": "m"}]})
+    body = request.json()
+    said, streamed = body["messages"][-1]["content"], body.get("stream")
+    good = at_once(sse(delta("o"), delta("k", "stop"))) if streamed else answer(message("ok"))
+    return {"hang": sse(delta("a"), HANG, done=False),
+            "cut": [head(), chunk(event(delta("a"))), CLOSE],
+            "reset": [RESET],
+            "then close": good + [CLOSE]}.get(said, good)
+
+
+BAD_MESSAGES = ["not a list", None, 5, [None], [{}], [{"content": "no role"}], [{"role": ""}],
+                [{"role": "user", "content": object()}], [{"role": "user", "content": float("nan")}],
+                [llm.Message("user", [llm.image(os.path.join(ROOT, "no such image.png"))])]]
+BAD_PARAMS = [{"temperature": object()}, {"temperature": float("inf")}, {"stop": {"a", "b"}}]
+BAD_OUTS = [object(), None, 5, NoWrite(), WriteRaises()]
+
+
+def bad_calls():
+    """Every kind of bad argument, each given to each call: (name, how, args, params)."""
+    for messages in BAD_MESSAGES:
+        for how in ("chat", "chat_stream", "stream"):
+            yield "messages %r" % (messages,), how, messages, {}
+    for params in BAD_PARAMS:
+        for how in ("chat", "chat_stream", "stream"):
+            yield "params %r" % (params,), how, HI, params
+    for out in BAD_OUTS:
+        yield "out %s" % type(out).__name__, "chat_stream", HI, {"out": out}
+
+
+class LifetimeCase(LoopbackCase):
+    def returns(self, what, function, *args, **params):
+        """function(*args, **params), which must return (not raise)."""
+        try:
+            return function(*args, **params)
+        except Exception:
+            self.fail("%s raised:\n%s" % (what, traceback.format_exc()))
+
+    def call(self, client, how, messages, **params):
+        """One call made the given way: (its Response, the text it gave out)."""
+        if how == "chat":
+            return self.returns(how, client.chat, messages, **params), []
+        if how == "chat_stream":
+            out = params.pop("out") if "out" in params else Writes()
+            writes = getattr(out, "writes", [])
+            return self.returns(how, client.chat_stream, messages, out, **params), writes
+        stream = self.returns(how, client.stream, messages, **params)
+        pieces = self.returns("iterating a stream", list, stream)
+        return self.returns("Stream.response", lambda: stream.response), pieces
+
+    def assert_good(self, client, how="chat"):
+        response, pieces = self.call(client, how, say("good"))
+        self.assertEqual((response.stop_reason, response.error, response.content), ("stop", "", "ok"))
+        self.assertEqual("".join(pieces), "" if how == "chat" else "ok")
+
+    def assert_refused(self, client, server, name, how, messages, params):
+        before = len(server.requests)
+        response, pieces = self.call(client, how, messages, **dict(params))
+        self.assertIsInstance(response, llm.Response, name)
+        self.assertEqual((response.stop_reason, bool(response.error), pieces), ("error", True, []),
+                         (name, how, response))
+        self.assertEqual(len(server.requests), before, "%s was sent" % name)
+
+    def assert_every_bad_call_refused(self, client, server):
+        for name, how, messages, params in bad_calls():
+            self.assert_refused(client, server, name, how, messages, params)
+
+    def cancelled_by_its_writer(self, client):
+        writes = []
+        response = self.returns("chat_stream", client.chat_stream, say("hang"),
+                                Writes(writes, on_write=lambda text: client.cancel()))
+        self.assertEqual((response.stop_reason, response.content, writes), ("cancelled", "a", ["a"]))
+
+    def closed_early(self, client):
+        stream = self.returns("stream", client.stream, say("hang"))
+        self.assertEqual(self.returns("next", next, stream), "a")
+        self.returns("Stream.close", stream.close)
+        self.assertEqual((stream.response.stop_reason, stream.response.content), ("cancelled", "a"))
+
+    def failed(self, client, said, content):
+        response, _ = self.call(client, "chat_stream", say(said))
+        self.assertEqual((response.stop_reason, response.content), ("error", content))
+        self.assertTrue(response.error)
+
+
+class LifetimeTest(LifetimeCase):
+    """One client through a lifetime: every call returns a Response, whatever came before."""
+
+    def test_a_client_through_good_calls_cancels_closed_connections_and_bad_arguments(self):
+        # a port given: its connections can be left behind for another server to take it again
+        server = self.serve(lifetime_answer, port=free_port())
+        client = self.client(server)
+        self.assert_every_bad_call_refused(client, server)  # fresh
+        steps = [
+            ("a good call, its connection kept", lambda: self.assert_good(client)),
+            ("a good stream", lambda: self.assert_good(client, "chat_stream")),
+            ("a good iteration", lambda: self.assert_good(client, "stream")),
+            ("the models", lambda: self.assertEqual(self.returns("models", client.models), ["m"])),
+            ("a call its writer cancelled", lambda: self.cancelled_by_its_writer(client)),
+            ("a stream closed early", lambda: self.closed_early(client)),
+            ("a reply cut short", lambda: self.failed(client, "cut", "a")),
+            ("a connection reset", lambda: self.failed(client, "reset", "")),
+            ("a connection the server closed after its answer", lambda: (
+                self.assertEqual(self.call(client, "chat", say("then close"))[0].content, "ok"),
+                self.assert_good(client))),
+            ("cancel() with nothing in flight", lambda: (
+                self.returns("cancel", client.cancel), self.assert_good(client))),
+            ("close()", lambda: (self.returns("close", client.close), self.assert_good(client))),
+        ]
+        for name, step in steps:
+            with self.subTest(after=name):
+                step()
+                self.assert_every_bad_call_refused(client, server)
+        port = server.port
+        server.close()  # the server goes away
+        with self.subTest(after="the server went away"):
+            for how in ("chat", "chat_stream", "stream"):
+                response, _ = self.call(client, how, say("good"))
+                self.assertEqual(response.stop_reason, "error")
+                self.assertIn("connection refused", response.error)
+            self.assertIn("connection refused", self.returns("models", client.models).error)
+            self.assert_every_bad_call_refused(client, server)
+        back = Server(lifetime_answer, port=port)  # and comes back where it was
+        self.addCleanup(back.close)
+        for how in ("chat", "chat_stream", "stream"):
+            self.assert_good(client, how)
+        self.assert_every_bad_call_refused(client, back)
+
+
+# ---------------------------------------------------------------- two bounds
+
+
+class BoundsTest(LoopbackCase):
+    def test_each_pause_before_a_retry_is_within_its_documented_range(self):
+        # the README: the first pause 0.25 to 0.5 s, the range doubling with each retry up to
+        # 15 to 30 s
+        ranges = [(0.25, 0.5), (0.5, 1), (1, 2), (2, 4), (4, 8), (8, 16), (15, 30), (15, 30)]
+        busy = answer({"error": "busy"}, 503)
+        for name, jitter, which in (("random", None, None), ("least", lambda low, high: low, 0),
+                                    ("most", lambda low, high: high, 1)):
+            with self.subTest(jitter=name):
+                server = self.serve(*([busy] * len(ranges) + [answer(message("ok"))]))
+                pauses = []
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(mock.patch.object(
+                        llm._Guard, "sleep", lambda guard, delay, why: pauses.append(delay)))
+                    if jitter is not None:
+                        stack.enter_context(mock.patch("random.uniform", jitter))
+                    response = self.client(server, retries=len(ranges)).chat(HI)
+                self.assertEqual((response.content, len(server.requests)), ("ok", len(ranges) + 1))
+                self.assertEqual(len(pauses), len(ranges))
+                for pause, (least, most) in zip(pauses, ranges):
+                    self.assertTrue(least <= pause <= most, (pauses, ranges))
+                if which is not None:
+                    self.assertEqual(pauses, [bounds[which] for bounds in ranges])
+
+    def test_an_error_list_names_its_first_five_entries(self):
+        for entries in (1, 5, 6, 40):
+            with self.subTest(entries=entries):
+                detail = [{"loc": ["body", "messages", n], "msg": "bad %d" % n, "type": "x"}
+                          for n in range(entries)]
+                response = self.client(self.serve(answer({"detail": detail}, 422))).chat(HI)
+                self.assertEqual(response.error, "HTTP 422: " + "; ".join(
+                    "body.messages.%d: bad %d" % (n, n) for n in range(min(entries, 5))))
+
+
 if __name__ == "__main__":
     unittest.main()
