@@ -753,5 +753,146 @@ class BoundsTest(LoopbackCase):
                     "body.messages.%d: bad %d" % (n, n) for n in range(min(entries, 5))))
 
 
+# ---------------------------------------------------------------- the properties, drawn (hypothesis)
+
+
+if hypothesis is None:
+    class DrawnPropertyTest(unittest.TestCase):
+        @unittest.skip("hypothesis is not installed (pip install hypothesis)")
+        def test_properties(self):
+            pass
+else:
+    def fuzz(default):
+        """Settings for a property: its number of examples, no deadline, no database."""
+        return settings(max_examples=examples(default), deadline=None, database=None,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                               HealthCheck.filter_too_much])
+
+    class DrawnCancelTest(SharedServerCase):
+        @fuzz(100)
+        @given(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=6), st.data())
+        def test_no_text_after_cancel_however_the_reply_is_framed(self, pieces, data):
+            events = reply_events(pieces)
+            if data.draw(st.booleans(), label="chunked"):
+                ends = data.draw(st.lists(st.booleans(), min_size=len(events) - 1,
+                                          max_size=len(events) - 1), label="chunk ends")
+                groups, group = [], [events[0]]
+                for ended, item in zip(ends, events[1:]):
+                    if ended:
+                        groups.append(group)
+                        group = []
+                    group.append(item)
+                steps = sent_at_once(events, groups + [group])
+            else:
+                steps = sent_at_once(events)
+            count = data.draw(st.integers(1, len(pieces)), label="cancelled after")
+            self.answer_with(steps)
+            client = self.fresh_client()
+            try:
+                if data.draw(st.booleans(), label="stream"):
+                    stream = client.stream(HI)
+                    got = [next(stream) for _ in range(count)]
+                    client.cancel()
+                    got += list(stream)
+                    response = stream.response
+                else:
+                    got = []
+                    response = client.chat_stream(HI, Writes(got, on_write=lambda text: (
+                        len(got) == count and client.cancel())))
+            finally:
+                client.close()
+            self.assertEqual(got, pieces[:count])
+            self.assertEqual((response.stop_reason, response.content), ("cancelled", "".join(got)))
+
+    # JSON objects and arrays whose strings are full of brackets, quotes, backslashes and
+    # characters that str.splitlines() would take for line ends
+    STRINGS = st.text(alphabet='{}[]"\\:,ab \u00e9\u2028\x85\t/', max_size=8)
+    VALUES = st.recursive(
+        st.none() | st.booleans() | st.integers() | STRINGS,
+        lambda children: (st.lists(children, max_size=3)
+                          | st.dictionaries(STRINGS, children, max_size=3)),
+        max_leaves=6)
+    CONTAINERS = st.dictionaries(STRINGS, VALUES, max_size=4) | st.lists(VALUES, max_size=4)
+
+    class DrawnDecoderTest(unittest.TestCase):
+        @fuzz(400)
+        @given(st.lists(st.tuples(CONTAINERS, st.booleans(),
+                                  st.sampled_from([None, "delta", "ping"])), min_size=1, max_size=4),
+               st.sampled_from([ends[1:] for ends in LINE_ENDS]), st.booleans(), st.booleans(),
+               st.booleans(), st.lists(st.integers(1, 2000), max_size=8))
+        def test_the_events_of_any_framing_whatever_the_cuts(self, items, ends, space, blank,
+                                                            comments, cuts):
+            within, after = ends
+            prefix = b"data: " if space else b"data:"
+            body, expected = [], []
+            for value, multi, kind in items + [(None, False, None)]:
+                text = json.dumps(value, ensure_ascii=False, indent=1 if multi else None)
+                lines = [b"[DONE]"] if value is None else [
+                    line.encode("utf-8") for line in text.split("\n")]
+                if comments:
+                    body.append(b": keep-alive" + after + (after if blank else b""))
+                if kind:
+                    body.append(b"event: " + kind.encode() + within)
+                body.extend(prefix + line + within for line in lines[:-1])
+                body.append(prefix + lines[-1] + after + (after if blank else b""))
+                expected.append((kind or "message", llm._DONE if value is None else value))
+            body = b"".join(body)
+            self.assertEqual(decoded(body), expected)
+            self.assertEqual(decoded(body, [cut % len(body) for cut in cuts]), expected)
+
+    class DrawnMessageTest(SharedServerCase):
+        @fuzz(100)
+        @given(st.text(max_size=12), st.integers(0, 2), st.text(max_size=8), st.text(max_size=8),
+               st.booleans(), st.booleans())
+        def test_to_message_keeps_the_text_of_any_reply(self, text, calls, refusal, reasoning,
+                                                       legacy, streamed):
+            legacy = legacy and calls == 1
+            whole, chunks = reply_parts(text, calls, refusal, reasoning, legacy)
+            self.answer_with(at_once(sse(*chunks)) if streamed else answer(whole))
+            client = self.fresh_client()
+            try:
+                reply = client.chat_stream(HI, Writes()) if streamed else client.chat(HI)
+            finally:
+                client.close()
+            self.assertTrue(reply.ok, reply.error)
+            assert_keeps_the_text(self, reply, text, calls, refusal, reasoning, legacy)
+
+    STEPS = ["good chat", "good chat_stream", "good stream", "models", "cancelled by its writer",
+             "closed early", "cut", "reset", "then close", "cancel()", "close()", "bad argument"]
+
+    class DrawnLifetimeTest(SharedServerCase, LifetimeCase):
+        @fuzz(100)
+        @given(st.lists(st.sampled_from(STEPS), min_size=1, max_size=8), st.data())
+        def test_nothing_raises_whatever_came_before(self, steps, data):
+            self.answer_with(lifetime_answer)
+            client = self.fresh_client()
+            bad = list(bad_calls())
+            try:
+                for step in steps:
+                    # a bad argument before each step, and after the last
+                    self.assert_refused(client, self.server, *data.draw(st.sampled_from(bad)))
+                    if step.startswith("good"):
+                        self.assert_good(client, step.split()[1])
+                    elif step == "models":
+                        self.assertEqual(self.returns("models", client.models), ["m"])
+                    elif step == "cancelled by its writer":
+                        self.cancelled_by_its_writer(client)
+                    elif step == "closed early":
+                        self.closed_early(client)
+                    elif step in ("cut", "reset"):
+                        self.failed(client, step, "a" if step == "cut" else "")
+                    elif step == "then close":
+                        self.assertEqual(self.call(client, "chat", say(step))[0].content, "ok")
+                    elif step in ("cancel()", "close()"):
+                        self.returns(step, getattr(client, step[:-2]))
+                    else:
+                        self.assert_refused(client, self.server, *data.draw(st.sampled_from(bad)))
+                self.assert_refused(client, self.server, *data.draw(st.sampled_from(bad)))
+                self.assert_good(client, data.draw(st.sampled_from(["chat", "chat_stream",
+                                                                    "stream"])))
+            finally:
+                client.close()
+
+
 if __name__ == "__main__":
     unittest.main()
