@@ -1048,7 +1048,7 @@ class _Call:
 
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
         exchange, assembler, on_reasoning = self.exchange, self.assembler, self.on_reasoning
-        reasoning = assembler.reasoning
+        guard, reasoning = self.guard, assembler.reasoning
         max_bytes = budget = self.client._max_bytes
         decoder = _SSEDecoder(max_bytes)
         event = assembler.event
@@ -1059,6 +1059,9 @@ class _Call:
             if budget < 0:
                 exchange.too_large()
             for kind, payload in decoder.feed(data) if data else decoder.close():
+                # one read may hold many events: a cancel or the deadline between two ends the call
+                if guard.cancelled or guard.expired:
+                    raise _Cancelled()
                 text = event(kind, payload)
                 if waiting and assembler.began:
                     waiting, self.first_token = False, time.monotonic() - self.started
@@ -1071,7 +1074,7 @@ class _Call:
                 exchange.drain(answer)
                 break
             if not data:
-                if self.guard.cancelled:  # the deadline's own end is told apart by run()
+                if guard.cancelled:  # the deadline's own end is told apart by run()
                     raise _Cancelled()
                 assembler.ended(budget < max_bytes)
                 break

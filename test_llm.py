@@ -126,13 +126,15 @@ class Listening:
     accepting), and waits for every thread, so that a test leaves nothing running.
     """
 
-    def __init__(self):
+    def __init__(self, port=0):
         self.ended = threading.Event()
         self.lock = threading.Lock()
         self.sockets, self.threads = [], []
         self.connections = 0
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        if port:  # a given port can be taken again while the connections of the last are closing
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
         self.start(self._accept)
@@ -195,10 +197,11 @@ class Server(Listening):
     Answers are used in order and the last one repeats. An answer is a list of
     steps, or a function of the Request that returns one. Steps: bytes (one
     send), a number (seconds to pause), a function (called), CLOSE, RESET
-    (a TCP reset) or HANG (wait until the test ends).
+    (a TCP reset) or HANG (wait until the test ends). ``port`` is any free
+    port, unless given: a server can come back where one went away.
     """
 
-    def __init__(self, *answers, tls=False):
+    def __init__(self, *answers, tls=False, port=0):
         self.answers = list(answers)
         self.requests = []
         self.unread = 0  # requests that arrived and were never read (UNREAD)
@@ -206,7 +209,7 @@ class Server(Listening):
         if tls:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.context.load_cert_chain(SERVER_PEM)
-        Listening.__init__(self)
+        Listening.__init__(self, port)
         self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
 
     def serve(self, sock, number):
