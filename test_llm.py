@@ -216,6 +216,8 @@ class Server(Listening):
         reader = None
         try:
             sock.settimeout(10)
+            # each step goes out as it is given, not held back for the client's ACK (Nagle's)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_side=True)
                 if not self.keep(sock):  # the wrapped socket is the one to shut down now
