@@ -1,11 +1,15 @@
 """Tests for how llm.py is installed: run with ``python -m unittest tests.test_install``.
 
 The file works under any module name (copied into a project as ``chatlib.py``,
-say), the distribution's metadata and console script are what the README says,
-and, where flit_core is installed, the built wheel and sdist hold what they
-should. Every call goes to a loopback server from test_llm; every wait is bounded.
+say); ``llm_py``, the second import name, and the ``llm-py`` command work where a
+package takes ``import llm`` (as simonw's ``llm`` does); the distribution's metadata
+and console script are what the README says; where flit_core is installed, the
+built wheel and sdist hold what they should. Every call goes to a loopback server
+from test_llm; every wait is bounded.
 """
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -20,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
     sys.path.insert(0, ROOT)
 
+import llm
 from test_llm import LoopbackCase, answer, delta, free_port, message, sse
 from tests.test_cli import WAIT, environment, run
 
@@ -63,11 +68,89 @@ class VendoredTest(LoopbackCase):
         self.assertTrue(refused.err.startswith("error: "), refused.err)
 
 
+def console_script():
+    """The module and function of the ``llm-py`` console script, as pyproject.toml names them."""
+    scripts = read("pyproject.toml").split("[project.scripts]")[1].split("\n[")[0]
+    module, function = re.search(r'(?m)^llm-py = "([\w.]+):(\w+)"$', scripts).groups()
+    return module, function
+
+
+def console_script_code(module, function):
+    """What the ``llm-py`` script that pip writes does: import the entry point and call it."""
+    return ("import sys\nfrom %s import %s\nsys.argv[0] = 'llm-py'\nsys.exit(%s())\n"
+            % (module, function, function))
+
+
+class SecondNameTest(LoopbackCase):
+    """``llm_py`` and the command where a package takes ``import llm``.
+
+    The directory is laid out as site-packages is when simonw's ``llm`` is installed
+    beside this distribution: a package ``llm/`` next to ``llm.py`` and ``llm_py.py``,
+    and Python's import gives the package for ``import llm``.
+    """
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        for name in ("llm.py", "llm_py.py"):
+            shutil.copy(os.path.join(ROOT, name), self.directory)
+
+    def shadow(self):
+        """A package named llm beside llm.py, as simonw's is in site-packages."""
+        os.mkdir(os.path.join(self.directory, "llm"))
+        with open(os.path.join(self.directory, "llm", "__init__.py"), "w") as f:
+            f.write("WHOSE = 'the other llm'\n")
+
+    def python(self, *args):
+        return run([sys.executable] + list(args), cwd=self.directory)
+
+    def test_the_console_script_runs_where_a_package_takes_import_llm(self):
+        self.shadow()
+        server = self.serve(sse(delta("Hi "), delta("there", "stop")))
+        code = console_script_code(*console_script())
+        result = self.python("-c", code, "--base-url", server.url, "Hello")
+        self.assertEqual((result.status, result.out, result.err), (0, "Hi there\n", ""))
+        version = self.python("-c", code, "--version")
+        self.assertEqual((version.status, version.out), (0, "llm-py %s\n" % llm.__version__))
+        other = self.python("-c", "import llm; print(llm.WHOSE)")
+        self.assertEqual(other.out, "the other llm\n")
+
+    def test_import_llm_py_as_llm_answers_calls_where_a_package_takes_import_llm(self):
+        self.shadow()
+        server = self.serve(answer(message("whole")), sse(delta("str"), delta("eamed", "stop")))
+        code = ("import io, json, os, sys\n"
+                "import llm as other\n"
+                "import llm_py as llm\n"
+                "client = llm.Client(sys.argv[1], model='m')\n"
+                "reply = client.chat([llm.Message('user', 'Hi')])\n"
+                "out = io.StringIO()\n"
+                "streamed = client.chat_stream([{'role': 'user', 'content': 'Hi'}], out)\n"
+                "print(json.dumps([reply.content, streamed.content, out.getvalue(), other.WHOSE,\n"
+                "                  llm.__name__, os.path.basename(llm.__file__),\n"
+                "                  sys.modules['llm_py'] is llm, llm.__version__]))\n")
+        result = self.python("-c", code, server.url)
+        self.assertEqual((result.status, result.err), (0, ""))
+        self.assertEqual(json.loads(result.out), ["whole", "streamed", "streamed", "the other llm",
+                                                  "llm_py", "llm.py", True, llm.__version__])
+
+    def test_python_m_llm_py_is_the_command(self):
+        self.shadow()
+        server = self.serve(sse(delta("Hi "), delta("there", "stop")))
+        result = self.python("-m", "llm_py", "--base-url", server.url, "Hello")
+        self.assertEqual((result.status, result.out, result.err), (0, "Hi there\n", ""))
+
+    def test_where_llm_is_this_library_llm_py_is_the_same_module(self):
+        for code in ("import llm_py, llm; print(llm_py is llm, llm.__name__)",
+                     "import llm, llm_py; print(llm_py is llm, llm_py.__name__)"):
+            result = self.python("-c", code)
+            self.assertEqual((result.status, result.out, result.err), (0, "True llm\n", ""), code)
+
+
 class MetadataTest(unittest.TestCase):
     def test_the_console_script_is_llm_py_never_llm(self):
         scripts = read("pyproject.toml").split("[project.scripts]")[1].split("\n[")[0]
         entries = re.findall(r'^\s*"?([\w.-]+)"?\s*=\s*"([^"]+)"', scripts, re.M)
-        self.assertEqual(entries, [("llm-py", "llm:_main")])
+        self.assertEqual(entries, [("llm-py", "llm_py:_main")])
 
     def test_the_licence_is_a_file_and_in_the_metadata(self):
         licence = read("LICENSE")
@@ -98,42 +181,88 @@ def flit_core_version():
     return tuple(int(part) for part in flit_core.__version__.split(".")[:2])
 
 
+def declared_backend():
+    """The build backend pyproject.toml names, and the folders it is imported from."""
+    system = read("pyproject.toml").split("[build-system]")[1].split("\n[")[0]
+    backend = re.search(r'(?m)^build-backend = "([\w.]+)"$', system).group(1)
+    path = re.search(r'(?m)^backend-path = \[(.*)\]$', system)
+    return backend, re.findall(r'"([^"]+)"', path.group(1)) if path else []
+
+
+def build(test, kind, source=ROOT):
+    """Build a wheel or an sdist from ``source`` with the declared backend, as pip would."""
+    directory = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, directory, True)
+    backend, path = declared_backend()
+    code = ("import sys; sys.path[:0] = sys.argv[2:]; import %s as backend; "
+            "print(backend.build_%s(sys.argv[1]))" % (backend, kind))
+    output = subprocess.check_output([sys.executable, "-c", code, directory] + path, cwd=source,
+                                     stderr=subprocess.STDOUT, timeout=WAIT)
+    return os.path.join(directory, output.decode().strip().splitlines()[-1])
+
+
 @unittest.skipUnless((flit_core_version() or (0,)) >= (3, 12), "needs flit_core 3.12 or later")
-class BuildTest(unittest.TestCase):
-    """The wheel and sdist that flit_core builds from this checkout."""
+class BuildTest(LoopbackCase):
+    """The wheel and sdist that the build backend (flit_core's, see tools/) makes of this checkout."""
 
-    def build(self, kind):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory, True)
-        code = "import sys, flit_core.buildapi as b; print(b.build_%s(sys.argv[1]))" % kind
-        output = subprocess.check_output([sys.executable, "-c", code, directory], cwd=ROOT,
-                                         stderr=subprocess.STDOUT, timeout=WAIT)
-        return os.path.join(directory, output.decode().strip().splitlines()[-1])
-
-    def test_the_wheel_holds_llm_py_the_licence_and_the_llm_py_script(self):
-        with zipfile.ZipFile(self.build("wheel")) as wheel:
+    def test_the_wheel_holds_llm_py_both_names_the_licence_and_the_llm_py_script(self):
+        with zipfile.ZipFile(build(self, "wheel")) as wheel:
             names = wheel.namelist()
             info = [name for name in names if ".dist-info/" in name]
-            self.assertEqual(sorted(set(names) - set(info)), ["llm.py"])
+            self.assertEqual(sorted(set(names) - set(info)), ["llm.py", "llm_py.py"])
+            for name in ("llm.py", "llm_py.py"):
+                self.assertEqual(wheel.read(name).decode("utf-8"), read(name))
             read_info = lambda tail: wheel.read([n for n in info if n.endswith(tail)][0]).decode()
             self.assertEqual(read_info("entry_points.txt").split(),
-                             ["[console_scripts]", "llm-py=llm:_main"])
+                             ["[console_scripts]", "llm-py=llm_py:_main"])
             metadata = read_info("METADATA")
             self.assertIn("\nLicense-Expression: MIT\n", metadata)
             self.assertIn("\nLicense-File: LICENSE\n", metadata)
             self.assertNotIn("Typing :: Typed", metadata)
             self.assertTrue(read_info("licenses/LICENSE").startswith("MIT License"))
+            self.assertTrue(wheel.filename.endswith("-py3-none-any.whl"))
+            record = [line.split(",") for line in read_info("RECORD").splitlines()]
+            self.assertEqual(sorted(row[0] for row in record), sorted(names))
+            for name, digest, size in record:  # pip refuses a file whose hash is wrong
+                if not name.endswith("/RECORD"):
+                    data = wheel.read(name)
+                    wanted = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+                    self.assertEqual((digest, int(size)), ("sha256=" + wanted.decode(), len(data)))
 
-    def test_the_sdist_holds_the_tests_examples_and_licence(self):
+    def test_the_wheel_command_runs_where_a_package_takes_import_llm(self):
+        directory = tempfile.mkdtemp()  # laid out as site-packages with simonw's llm beside
+        self.addCleanup(shutil.rmtree, directory, True)
+        with zipfile.ZipFile(build(self, "wheel")) as wheel:
+            wheel.extractall(directory)
+            entry = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")][0]
+            module, function = wheel.read(entry).decode().split("llm-py=")[1].split()[0].split(":")
+        os.mkdir(os.path.join(directory, "llm"))
+        with open(os.path.join(directory, "llm", "__init__.py"), "w") as f:
+            f.write("WHOSE = 'the other llm'\n")
+        server = self.serve(sse(delta("Hi "), delta("there", "stop")))
+        result = run([sys.executable, "-c", console_script_code(module, function),
+                      "--base-url", server.url, "Hello"], cwd=directory)
+        self.assertEqual((result.status, result.out, result.err), (0, "Hi there\n", ""))
+
+    def test_the_sdist_holds_the_tests_examples_licence_and_backend_and_builds_the_wheel(self):
         import tarfile
 
-        with tarfile.open(self.build("sdist")) as sdist:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        with tarfile.open(build(self, "sdist")) as sdist:
             names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-        for name in ("llm.py", "LICENSE", "README.md", "pyproject.toml", "test_llm.py",
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.12 on
+            sdist.extractall(directory, **safe)
+        for name in ("llm.py", "llm_py.py", "tools/build_backend.py", "LICENSE", "README.md",
+                     "pyproject.toml", "test_llm.py",
                      "tests/__init__.py", "tests/test_install.py", "tests/record.py",
                      "tests/testdata/ca.pem", "tests/testdata/vllm/chat.bin",
                      "examples/json_reply.py", "examples/greeting.schema.json"):
             self.assertIn(name, names)
+        # pip installs an sdist by building a wheel from it
+        source = os.path.join(directory, os.listdir(directory)[0])
+        with zipfile.ZipFile(build(self, "wheel", source)) as wheel:
+            self.assertIn("llm_py.py", wheel.namelist())
 
 
 if __name__ == "__main__":
