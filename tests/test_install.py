@@ -4,8 +4,10 @@ The file works under any module name (copied into a project as ``chatlib.py``,
 say); ``llm_py``, the second import name, and the ``llm-py`` command work where a
 package takes ``import llm`` (as simonw's ``llm`` does); the distribution's metadata
 and console script are what the README says; where flit_core is installed, the
-built wheel and sdist hold what they should. Every call goes to a loopback server
-from test_llm; every wait is bounded.
+built wheel and sdist hold what they should; and with ``LLM_TEST_PYPI=1``, simonw's
+``llm`` from PyPI and this distribution share a real venv, installed in either order
+and each uninstalled. Every call goes to a loopback server from test_llm; every wait
+is bounded.
 """
 
 import base64
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 import zipfile
 
@@ -26,7 +29,7 @@ if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.p
 
 import llm
 from test_llm import LoopbackCase, answer, delta, free_port, message, sse
-from tests.test_cli import WAIT, environment, run
+from tests.test_cli import WAIT, Result, Terminal, environment, pty, run
 
 
 def read(name):
@@ -263,6 +266,185 @@ class BuildTest(LoopbackCase):
         source = os.path.join(directory, os.listdir(directory)[0])
         with zipfile.ZipFile(build(self, "wheel", source)) as wheel:
             self.assertIn("llm_py.py", wheel.namelist())
+
+
+# simonw's llm: the newest release that installs on each Python (each line needs a newer one)
+SIMONW_LLM = [((3, 10), "0.36"), ((3, 9), "0.27.1"), ((3, 8), "0.13.1")]
+PIP = 600  # seconds: the longest one pip command may take (it may download dozens of packages)
+CLEAN = {"PYTHONPATH": None, "PYTHONHOME": None, "PIP_REQUIRE_VIRTUALENV": None}
+
+
+def simonw_llm_release():
+    return next((release for version, release in SIMONW_LLM if sys.version_info >= version), None)
+
+
+@unittest.skipUnless(os.environ.get("LLM_TEST_PYPI") == "1", "set LLM_TEST_PYPI=1 to install"
+                     " simonw's llm from PyPI beside this distribution in a venv (needs the network)")
+@unittest.skipUnless(simonw_llm_release(), "simonw's llm needs Python 3.8 or later")
+@unittest.skipIf(os.name == "nt", "the venv's layout is the POSIX one here")
+class NextToSimonwTest(LoopbackCase):
+    """simonw's llm, from PyPI, and this distribution, a wheel built from the checkout, in one
+    real venv: installed in either order, and each uninstalled in turn.
+
+    One venv serves both orders: simonw's goes in, then this one, then this one comes out;
+    this one goes in again and simonw's comes out; simonw's goes in again (its dependencies
+    are still there, so it is quick) and this one comes out. After each step, what is
+    installed works and what is not is gone.
+    """
+
+    def setUp(self):
+        self.place = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.place, True)
+        self.venv = os.path.join(self.place, "venv")
+        self.bin = os.path.join(self.venv, "bin")
+        self.elsewhere = os.path.join(self.place, "elsewhere")  # a working directory with no llm
+        os.mkdir(self.elsewhere)
+        # the venv's own Python and packages only, none of the checkout's
+        self.env = environment(**CLEAN)
+        self.server = self.serve(self.answer)
+
+    def answer(self, request):
+        if request.path.endswith("/models"):
+            return answer({"data": [{"id": "m"}, {"id": "n"}]})
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        if request.json().get("stream"):
+            return sse(delta(None, reasoning_content="Thinking."), delta("Hi "),
+                       delta("there", "stop"), {"choices": [], "usage": usage})
+        return answer(message("Hi there", usage=usage))
+
+    def execute(self, *command, **options):
+        """Run a command of the venv (``python``, ``pip``, ``llm``, ``llm-py``) to its end."""
+        process = subprocess.Popen([os.path.join(self.bin, command[0])] + list(command[1:]),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, cwd=self.elsewhere, env=self.env)
+        try:
+            out, err = process.communicate(options.get("stdin", b""), options.get("timeout", WAIT))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(WAIT)
+        return Result(process.returncode, out, err)
+
+    def pip(self, *args):
+        result = self.execute("python", "-m", "pip", "--disable-pip-version-check", *args,
+                              timeout=PIP)
+        self.assertEqual(result.status, 0, result.out[-2000:] + result.err[-2000:])
+
+    def test_both_orders_and_each_uninstalled(self):
+        started = time.monotonic()
+        made = subprocess.run([sys.executable, "-m", "venv", self.venv], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=self.env, timeout=PIP)
+        if made.returncode != 0:  # Debian's Python without python3-venv, say
+            self.skipTest("python -m venv fails here: %s" % made.stdout.decode().strip()[-300:])
+        simonw = "llm==" + simonw_llm_release()
+        probe = self.execute("python", "-m", "pip", "--disable-pip-version-check", "download",
+                             "--no-deps", "--timeout", "15", "--retries", "1", "-d",
+                             os.path.join(self.place, "probe"), simonw, timeout=PIP)
+        if probe.status != 0:
+            lines = probe.err.strip().splitlines() or ["no output"]
+            self.skipTest("PyPI is unreachable: pip download %s: %s" % (simonw, lines[-1]))
+        wheels = os.path.join(self.place, "wheels")
+        self.pip("wheel", "--no-deps", "-w", wheels, ROOT)  # pip builds it as users would
+        ours = os.path.join(wheels, [n for n in os.listdir(wheels) if n.endswith(".whl")][0])
+
+        self.pip("install", simonw)
+        self.check_simonw_alone()
+        self.pip("install", ours)  # simonw's first, then this one
+        self.check_both()
+        self.pip("uninstall", "-y", "llm-py")
+        self.check_simonw_alone()
+        self.pip("install", ours)
+        self.pip("uninstall", "-y", "llm")
+        self.check_ours_alone()
+        self.pip("install", simonw)  # this one first, then simonw's
+        self.check_both()
+        self.pip("uninstall", "-y", "llm-py")
+        self.check_simonw_alone()
+        print("\n  NextToSimonwTest: %s and this distribution in a venv: %.0f s"
+              % (simonw, time.monotonic() - started), file=sys.stderr)
+
+    # ------------------------------------------------------------ what each state must show
+
+    def check_both(self):
+        self.check_llm_py()
+        self.check_simonw_command()
+        self.assertEqual(self.imports(), {"llm": "the other llm", "llm_py": "llm.py as llm_py"})
+
+    def check_simonw_alone(self):
+        self.check_simonw_command()
+        self.assertFalse(os.path.exists(os.path.join(self.bin, "llm-py")))
+        self.assertEqual(self.imports(), {"llm": "the other llm", "llm_py": None})
+
+    def check_ours_alone(self):
+        self.check_llm_py()
+        self.assertFalse(os.path.exists(os.path.join(self.bin, "llm")))
+        self.assertEqual(self.imports(), {"llm": "llm.py as llm", "llm_py": "llm.py as llm"})
+
+    def check_simonw_command(self):
+        result = self.execute("llm", "--version")
+        self.assertEqual((result.status, result.out),
+                         (0, "llm, version %s\n" % simonw_llm_release()), result.err)
+
+    def imports(self):
+        """What ``import llm`` and ``import llm_py`` give, and that the library answers."""
+        code = ("import json, os, sys\n"
+                "def which(name):\n"
+                "    try:\n"
+                "        module = __import__(name)\n"
+                "    except ImportError:\n"
+                "        return None\n"
+                "    if os.path.basename(module.__file__) != 'llm.py':\n"
+                "        return 'the other llm'\n"
+                "    reply = module.Client(sys.argv[1], model='m').chat([{'role': 'user',\n"
+                "                                                        'content': 'Hi'}])\n"
+                "    assert reply.content == 'Hi there', reply\n"
+                "    return 'llm.py as ' + module.__name__\n"
+                "print(json.dumps({'llm': which('llm'), 'llm_py': which('llm_py')}))\n")
+        result = self.execute("python", "-c", code, self.server.url)
+        self.assertEqual((result.status, result.err), (0, ""))
+        return json.loads(result.out)
+
+    def check_llm_py(self):
+        """The ``llm-py`` command, every option of it, the chat on a terminal included."""
+        url, seen = self.server.url, len(self.server.requests)
+        version = self.execute("llm-py", "--version")
+        self.assertEqual((version.status, version.out), (0, "llm-py %s\n" % llm.__version__))
+        helped = self.execute("llm-py", "--help")
+        self.assertEqual(helped.status, 0)
+        self.assertTrue(helped.out.startswith("usage: llm-py"), helped.out)
+        result = self.execute("llm-py", "--base-url", url, "-m", "m", "-s", "Be brief.",
+                              "--key", "sk-test-key", "-t", "0", "--max-tokens", "5",
+                              "-o", "seed", "7", "--timeout", "5", "--show-reasoning",
+                              "--stats", "Hello", stdin=b"piped text")
+        self.assertEqual((result.status, result.out), (0, "Hi there\n"), result.err)
+        self.assertIn("Thinking.", result.err)
+        self.assertIn("2 tokens, first token after ", result.err)
+        request = self.server.requests[seen]
+        body = request.json()
+        self.assertEqual(body["messages"], [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hello\n\npiped text"}])
+        self.assertEqual((body["model"], body["temperature"], body["max_tokens"], body["seed"]),
+                         ("m", 0, 5, 7))
+        self.assertEqual(request.headers["authorization"], "Bearer sk-test-key")
+        whole = self.execute("llm-py", "--base-url", url, "--json", "--no-stream", "Hello")
+        self.assertEqual(whole.status, 0, whole.err)
+        self.assertEqual(json.loads(whole.out)["content"], "Hi there")
+        self.assertFalse(self.server.requests[-1].json().get("stream"))
+        models = self.execute("llm-py", "--base-url", url, "--models")
+        self.assertEqual((models.status, models.out), (0, "m\nn\n"), models.err)
+        refused = self.execute("llm-py", "--base-url", "http://127.0.0.1:%d" % free_port(), "Hi")
+        self.assertEqual(refused.status, 1)
+        self.assertTrue(refused.err.startswith("error: "), refused.err)
+        if pty is not None:
+            terminal = Terminal(["--base-url", url], command=[os.path.join(self.bin, "llm-py")],
+                                env=CLEAN, cwd=self.elsewhere)
+            self.addCleanup(terminal.close)
+            terminal.expect("> ")
+            terminal.type("Hello\n")
+            self.assertIn("Hi there", terminal.expect("> "))
+            terminal.type("/exit\n")
+            self.assertEqual(terminal.wait(), 0)
+            self.assertNotIn(b"Traceback", terminal.seen)
 
 
 if __name__ == "__main__":
