@@ -167,6 +167,7 @@ class MetadataTest(unittest.TestCase):
     def test_no_typed_classifier_for_a_module_that_pep_561_cannot_mark(self):
         classifiers = read("pyproject.toml").split("classifiers = [")[1].split("]")[0]
         self.assertIn("Programming Language :: Python :: 3.6", classifiers)
+        self.assertIn("Programming Language :: Python :: 3.15", classifiers)
         self.assertNotIn("Typing :: Typed", classifiers)
 
     def test_the_readme_install_commands_name_what_exists(self):
