@@ -98,6 +98,18 @@ class ChatbotTest(ExampleCase):
         self.assertEqual([m["content"] for m in server.requests[2].json()["messages"]],
                          ["second try", "fine", "third"])
 
+    def test_the_database_is_closed_on_every_path(self):
+        # Python 3.13 and later warn (ResourceWarning) of a connection left to the collector
+        server = self.serve(sse(delta("ok", "stop")))
+        loud = {"env": {"PYTHONWARNINGS": "always::ResourceWarning"}}
+        with open(os.path.join(self.directory, "text.db"), "w") as f:
+            f.write("this is not a database, " * 100)
+        for args in (["--id", "kept"], ["--list"], ["--id", "kept", "--forget"],
+                     ["--id", "nope", "--forget"], ["--db", "text.db", "--list"]):
+            result = self.run_example("chatbot.py", "--base-url", server.url, *args,
+                                      stdin=b"Hi\n", **loud)
+            self.assertNotIn("ResourceWarning", result.err, args)
+
     def test_exit_command_and_system_prompt(self):
         server = self.serve(sse(delta("ok", "stop")))
         result = self.chat(server, "hi\n/exit\nnever sent\n", "--system", "Be terse.")
