@@ -38,7 +38,11 @@ CREATE TABLE IF NOT EXISTS messages (
 
 def open_database(path):
     database = sqlite3.connect(path)
-    database.execute(SCHEMA)
+    try:
+        database.execute(SCHEMA)
+    except BaseException:  # a file that is no database: close it before saying so
+        database.close()
+        raise
     return database
 
 
@@ -126,6 +130,14 @@ def main():
     except sqlite3.Error as error:  # a folder that does not exist, a file that is no database
         print("error: cannot open the database %s: %s" % (options.db, error), file=sys.stderr)
         return 1
+    try:
+        return run(options, database)
+    finally:
+        database.close()
+
+
+def run(options, database):
+    """List, forget or chat, as the options say, with the database open."""
     if options.list:
         list_conversations(database)
         return 0

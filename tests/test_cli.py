@@ -32,12 +32,13 @@ except ImportError:  # Windows
 
 
 def environment(**values):
-    """The test's environment: none of the caller's LLM settings, UTF-8 output."""
+    """The test's environment: none of the caller's LLM settings, UTF-8 output; a value
+    None takes a variable out."""
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("LLM_", "OPENAI_", "OLLAMA_"))}
     env.update(PYTHONIOENCODING="utf-8", NO_COLOR="", TERM="dumb")
     env.update(values)
-    return env
+    return {name: value for name, value in env.items() if value is not None}
 
 
 class Result:
@@ -504,13 +505,14 @@ class ErrorTest(CommandLineCase):
 
 
 class Terminal:
-    """llm.py on a pseudo-terminal: type lines, wait for text."""
+    """llm.py (or another ``command``) on a pseudo-terminal: type lines, wait for text."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, command=None, cwd=None):
         master, slave = pty.openpty()
         self.master = master
-        self.process = subprocess.Popen([sys.executable, LLM] + args, stdin=slave, stdout=slave,
-                                        stderr=slave, env=environment(**(env or {})),
+        self.process = subprocess.Popen((command or [sys.executable, LLM]) + args, stdin=slave,
+                                        stdout=slave, stderr=slave, cwd=cwd,
+                                        env=environment(**(env or {})),
                                         start_new_session=True)
         os.close(slave)
         self.seen = b""

@@ -737,18 +737,32 @@ class HostileServerTest(HostileCase):
         self.assertNotIn("pp-0123", repr(client))
 
     def test_many_threads_share_a_client_while_another_cancels_again_and_again(self):
+        # Both outcomes are made certain by events, not left to the clock: a loaded machine
+        # (or a slower Python) used to see every call cut, or none. The first stream is held
+        # half-sent until the canceller has seen a whole reply and then cut the held one;
+        # the random cancels that follow are the storm that explores the interleavings.
+        held, released, stopped = threading.Event(), threading.Event(), threading.Event()
+        lock = threading.Lock()
+
+        def hold_the_first_stream():
+            with lock:
+                first = not held.is_set()
+                held.set()
+            if first:
+                released.wait(30)
+
         def answers(request):
             if request.path.endswith("/models"):
                 return answer({"data": [{"id": "m"}]})
             if b'"stream": true' in request.body:
-                return sse(delta("a"), 0.002, delta("b"), 0.002, delta("c", "stop"))
+                return sse(delta("a"), hold_the_first_stream, 0.002, delta("b"), 0.002,
+                           delta("c", "stop"))
             return [0.002] + answer(message("abc"))
         server = self.serve(answers)
         client = llm.Client(server.url, model="m", timeout=5)
         self.addCleanup(client.close)
         before = client_sockets(server.port)
         responses, problems = [], []
-        lock = threading.Lock()
 
         def work(number):
             try:
@@ -773,16 +787,23 @@ class HostileServerTest(HostileCase):
                         continue
                     with lock:
                         responses.append(reply)
+                    if reply.stop_reason == "stop":
+                        stopped.set()
             except BaseException as exc:
                 problems.append(("raised", repr(exc)))
 
         stop = threading.Event()
 
         def cancel_again_and_again():
+            try:  # nothing is cancelled until a call has ended whole and a stream is held
+                if stopped.wait(30) and held.wait(30):
+                    client.cancel()  # it cuts the held stream, whatever else is in flight
+            finally:
+                released.set()
             end = time.monotonic() + 20
             while not stop.is_set() and time.monotonic() < end:
                 client.cancel()
-                time.sleep(random.uniform(0, 0.02))  # calls take a few ms: some end, some are cut
+                time.sleep(random.uniform(0, 0.02))  # some calls end between two, some are cut
 
         workers = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(8)]
         canceller = threading.Thread(target=cancel_again_and_again, daemon=True)
