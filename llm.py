@@ -77,7 +77,8 @@ _CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "cookie", "password", "pa
 _AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "bot", "key", "apikey")
 # what a client reads from the environment, besides the proxies (each ``*_proxy`` variable)
 _ENVIRONMENT = ("LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY", "OPENAI_BASE_URL",
-                "OPENAI_API_KEY", "OLLAMA_HOST", "REQUEST_METHOD", "SSL_CERT_FILE", "SSL_CERT_DIR")
+                "OPENAI_API_KEY", "OLLAMA_HOST", "LLM_TRACE", "REQUEST_METHOD", "SSL_CERT_FILE",
+                "SSL_CERT_DIR")
 _MAX_INT_DIGITS = 4000  # a longer integer in JSON is read as a float (int() is quadratic)
 _MAX_TOOL_CALLS = 256  # a reply that asks for more tool calls than this is refused
 _VALUE_COST = 100  # bytes a parsed JSON value may cost as a Python object, at most (a dict: 64+)
@@ -92,6 +93,8 @@ _ASIDES = frozenset(("reasoning_content", "reasoning", "tool_calls", "function_c
 _SSE_STARTS = (b":", b"data", b"event", b"id", b"retry", b"error")  # how an event stream begins
 _THINK_STARTS = "< \t\r\n"  # how content that begins with a <think> block may begin
 _DONE = object()  # the payload of ``data: [DONE]``
+# C0 controls, DEL and C1, as they are shown where they must not act (a terminal, a trace)
+_VISIBLE_CONTROLS = {c: "\\u%04x" % c for c in list(range(32)) + list(range(127, 160))}
 _ANY = object()  # no choice index followed yet
 _ASK_USAGE = {"include_usage": True}  # stream_options as the library adds it; never changed
 _USAGE_FIELDS = frozenset(("stream_options", "stream_options.include_usage", "include_usage"))
@@ -399,7 +402,10 @@ class Client:
     those of each call. ``stream_usage``: ask for token usage when
     streaming. ``max_bytes``: the largest response body accepted.
     ``think_tags``: a ``<think>...</think>`` block at the start of the content
-    is reasoning (``False``: the content exactly as sent).
+    is reasoning (``False``: the content exactly as sent). ``trace``: a writer
+    (anything with ``write(str)``) that gets every request and reply as they go
+    over the wire, secrets hidden; ``None`` reads ``LLM_TRACE`` (``1``: stderr;
+    a file path: that file, appended to), ``False`` traces nothing.
 
     Building a client never raises: a bad argument is reported by every call.
     """
@@ -411,7 +417,8 @@ class Client:
                  verify: "Union[bool, str, os.PathLike[str], None]" = True,
                  ca_file: "Optional[str]" = None,
                  params: "Optional[Dict[str, Any]]" = None, stream_usage: bool = True,
-                 max_bytes: int = _MAX_BYTES, think_tags: bool = True) -> None:
+                 max_bytes: int = _MAX_BYTES, think_tags: bool = True,
+                 trace: "Any" = None) -> None:
         self._problem = ""
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -424,9 +431,11 @@ class Client:
         self._secrets = []  # type: List[str]  # every form in which a secret may come back
         self._refused = set()  # type: Set[str]  # what this server refused: adjusted in every call
         self._think_tags = bool(think_tags)
+        self._tracer = None  # type: Optional[_Tracer]
         try:
             self._configure(base_url, model, api_key, system, timeout, deadline, headers,
                             retries, verify, ca_file, params, stream_usage, max_bytes)
+            self._tracer = _tracer_for(trace, os.environ, self._secrets)
         except Exception as exc:  # reported by every call instead
             self._problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
                 else "bad client argument: " + _describe(exc)
@@ -523,6 +532,8 @@ class Client:
             connections = list(self._connections)
         for connection in connections:
             connection.close()
+        if self._tracer is not None:
+            self._tracer.flush()
 
     def __enter__(self) -> "Client":
         return self
@@ -1279,6 +1290,11 @@ class _Exchange:
     def __init__(self, client: Client, stream: bool, guard: _Guard) -> None:
         self.client, self.stream, self.guard = client, stream, guard
 
+    def _note(self, text: str) -> None:
+        """Say in the trace why a request goes again (a rare path: no cost to a call)."""
+        if self.client._tracer is not None:
+            self.client._tracer.line("* " + text)
+
     def adjust(self, body: "Dict[str, Any]", refused: str) -> None:
         """Change the request as a server that refused ``refused`` wants it; note what changed."""
         note = _adjusted(body, refused)
@@ -1297,6 +1313,7 @@ class _Exchange:
             except _Failure as failure:
                 if not failure.retryable or attempt >= client._retries or self.guard.cancelled:
                     raise
+                self._note("retry %d of %d after: %s" % (attempt + 1, client._retries, failure))
                 self._pause(attempt, None, str(failure), failure.kind)
                 attempt += 1
                 continue
@@ -1306,6 +1323,7 @@ class _Exchange:
             message, raw = self._error_of(answer, data is not None)
             refused = _refusal(body, answer.status, raw) if body else None
             if refused is not None and refused not in self.resent:  # a known refusal: once
+                self._note("the server refused %s: the request goes again, changed" % refused)
                 self.resent |= {refused}
                 client._refused.add(refused)  # remembered: later calls adjust before sending
                 self.adjust(body, refused)  # type: ignore[arg-type]
@@ -1313,6 +1331,7 @@ class _Exchange:
                 continue
             kind, overflow = _error_kind(answer.status, raw)
             if answer.status in _RETRY_STATUSES and attempt < client._retries:
+                self._note("retry %d of %d after: %s" % (attempt + 1, client._retries, message))
                 self._pause(attempt, _retry_after(answer.getheader("Retry-After")), message, kind)
                 attempt += 1
                 continue
@@ -1342,6 +1361,8 @@ class _Exchange:
                     raise _Cancelled()
                 if reused and _unread(exc, time.monotonic() - sent_at, connection):
                     reused = False  # the server closed it as it went idle: one fresh try
+                    self._note("the server closed the kept-alive connection without reading the"
+                               " request: it goes again on a new one")
                     continue
                 raise _Failure(_network_error(exc, client), "network", retryable=True)
             except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -1648,6 +1669,8 @@ def _new_connection(client: Client) -> "http.client.HTTPConnection":
         if client._proxy:
             connection.set_tunnel(client._host, client._port, headers=client._proxy[2])
     connection.response_class = _FinalResponse
+    if client._tracer is not None:  # only then: a call without a trace pays nothing for it
+        client._tracer.watch(connection)
     return connection
 
 
@@ -1669,6 +1692,214 @@ def _tls_context(client: Client) -> "Any":
             context.verify_mode = ssl.CERT_NONE
         client._tls = context
     return client._tls
+
+
+# ---- the trace: what goes over the wire, secrets hidden
+
+_TRACE_LINE = 2000  # characters of a traced line that are kept
+_TRACE_STRING = 200  # characters of a long string of a request body that are kept
+# how bytes received are shown: control characters escaped, so that each read is one line
+_TRACE_ESCAPES = dict(_VISIBLE_CONTROLS)  # type: Dict[int, str]
+_TRACE_ESCAPES.update({9: "\\t", 10: "\\n", 13: "\\r"})
+
+
+def _tracer_for(trace: "Any", environ: "Any", secrets: "List[str]") -> "Optional[_Tracer]":
+    """The client's tracer: to ``trace`` (a writer), or as ``LLM_TRACE`` says when None."""
+    if trace is None:
+        where = environ.get("LLM_TRACE", "").strip()
+        if where in ("", "0"):
+            return None
+        trace = sys.stderr if where == "1" else _Appending(where)
+    elif trace is False:
+        return None
+    elif not callable(getattr(trace, "write", None)):
+        raise TypeError("trace must be a writer with write(str), got %s" % _shown(trace))
+    return _Tracer(trace, secrets)
+
+
+class _Appending:
+    """A file that a trace appends to, opened by the first line (in the tracer's thread)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.file = path, None  # type: str, Any
+
+    def write(self, text: str) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8", errors="replace")
+        self.file.write(text)
+        self.file.flush()
+
+    def close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
+
+
+class _Tracer:
+    """A client's trace: what goes over the wire, one line at a time, every secret hidden.
+
+    Lines go to ``out`` from a thread of their own through a bounded queue, so that
+    a writer that raises or blocks can neither break nor hang a call: lines that
+    find the queue full are dropped, and counted.
+    """
+
+    def __init__(self, out: "Any", secrets: "List[str]") -> None:
+        self.out, self.secrets = out, secrets
+        self.lock = threading.Lock()
+        self.lines = None  # type: Any  # a queue.Queue, made with the thread
+        self.dropped = 0
+
+    def line(self, text: str) -> None:
+        """Trace one line: secrets hidden first, then cut."""
+        text = _hidden(text, self.secrets)
+        if len(text) > _TRACE_LINE:
+            text = "%s ... (%d characters in all)" % (text[:_TRACE_LINE], len(text))
+        with self.lock:
+            if self.lines is None:
+                import queue
+
+                self.lines = queue.Queue(10000)
+                threading.Thread(target=self._write, args=(self.lines,), daemon=True).start()
+        try:
+            self.lines.put_nowait(text)
+        except Exception:  # queue.Full: the writer is slower than the wire
+            self.dropped += 1
+
+    def _write(self, lines: "Any") -> None:
+        """The thread: write each line, until the writer fails."""
+        out = self.out
+        while True:
+            text = lines.get()
+            try:
+                if out is not None:
+                    if self.dropped:
+                        dropped, self.dropped = self.dropped, 0
+                        text = "* %d lines dropped: the trace writer was too slow\n%s" % (dropped, text)
+                    out.write(text + "\n")
+                    flush = getattr(out, "flush", None)
+                    if flush is not None:
+                        flush()
+            except Exception:  # a trace must never break a call: stop tracing instead
+                out = None
+            finally:
+                lines.task_done()
+
+    def flush(self, wait: float = 1.0) -> None:
+        """Wait (a bounded time) until the lines traced so far are written."""
+        lines, give_up = self.lines, time.monotonic() + wait
+        while lines is not None and lines.unfinished_tasks and time.monotonic() < give_up:
+            time.sleep(0.01)
+        if isinstance(self.out, _Appending) and not (lines and lines.unfinished_tasks):
+            self.out.close()  # the next line opens it again
+
+    def watch(self, connection: "http.client.HTTPConnection") -> None:
+        """Trace what ``connection`` sends and receives."""
+        _Wire(self, connection)
+
+
+class _Wire:
+    """One traced connection: its connects, the bytes it sends, and its answers as they come."""
+
+    def __init__(self, tracer: _Tracer, connection: "http.client.HTTPConnection") -> None:
+        self.tracer, self.sent_at = tracer, time.monotonic()
+        self.where = _where(connection.host, connection.port)
+        self._send, self._connect = connection.send, connection.connect
+        connection.send = self.send  # type: ignore[method-assign]
+        connection.connect = self.connect  # type: ignore[method-assign]
+        wire = self
+
+        class Traced(connection.response_class):  # type: ignore[name-defined, misc]
+            def __init__(self, *args: "Any", **options: "Any") -> None:
+                super().__init__(*args, **options)
+                self.fp = _TracedFile(self.fp, wire)  # type: ignore[has-type]
+        connection.response_class = Traced
+
+    def connect(self) -> None:
+        self.tracer.line("* connecting to %s" % self.where)
+        try:
+            self._connect()
+        except BaseException as exc:
+            self.tracer.line("* cannot connect to %s: %s" % (self.where, _describe(exc)))
+            raise
+
+    def send(self, data: "Any") -> None:
+        if isinstance(data, bytes) and data[:1].isalpha() and b"\r\n\r\n" in data[:65536]:
+            head = data.decode("latin-1").split("\r\n")
+            self.tracer.line("* request to %s" % self.where)
+            for line in head[:-1]:
+                self.tracer.line(("> " + line).rstrip())
+            self.sent_at = time.monotonic()
+        else:
+            self.tracer.line("> " + _traced_body(data))
+        self._send(data)
+
+    def received(self, data: "Any", line: bool = False) -> None:
+        text = bytes(data).decode("utf-8", "replace")
+        text = (text.rstrip("\r\n") if line else text).translate(_TRACE_ESCAPES)
+        self.tracer.line("< +%.3fs %s" % (time.monotonic() - self.sent_at, text))
+
+
+class _TracedFile:
+    """An answer's file, whose every read (status lines, headers, body) is traced."""
+
+    def __init__(self, fp: "Any", wire: _Wire) -> None:
+        self.fp, self.wire = fp, wire
+
+    def readline(self, *limit: "Any") -> bytes:
+        line = self.fp.readline(*limit)  # type: bytes
+        if line:
+            self.wire.received(line, line=True)
+        return line
+
+    def read(self, *size: "Any") -> bytes:
+        data = self.fp.read(*size)  # type: bytes
+        if data:
+            self.wire.received(data)
+        return data
+
+    def read1(self, *size: "Any") -> bytes:
+        data = self.fp.read1(*size)  # type: bytes
+        if data:
+            self.wire.received(data)
+        return data
+
+    def readinto(self, buffer: "Any") -> int:
+        count = self.fp.readinto(buffer)  # type: int
+        if count:
+            self.wire.received(memoryview(buffer)[:count])
+        return count
+
+    def __getattr__(self, name: str) -> "Any":  # close, peek, and the rest
+        return getattr(self.fp, name)
+
+
+def _traced_body(data: "Any") -> str:
+    """A request body as the trace shows it: JSON with each long string cut, its size said."""
+    text = bytes(data).decode("utf-8", "replace")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON: the text, cut as any line
+        return text
+
+    def cut(value: "Any") -> "Any":
+        if isinstance(value, str) and len(value) > _TRACE_STRING:
+            return "%s... (%d characters in all)" % (value[:_TRACE_STRING], len(value))
+        if isinstance(value, list):
+            return [cut(item) for item in value]
+        if isinstance(value, dict):
+            return {key: cut(item) for key, item in value.items()}
+        return value
+    return json.dumps(cut(body), ensure_ascii=False)
+
+
+def _hidden(text: str, secrets: "List[str]") -> str:
+    """``text`` without any secret: each whole, and any run of 6 characters of one."""
+    text = _redact(text, secrets)
+    for secret in secrets:
+        for at in range(len(secret) - 5):
+            if secret[at:at + 6] in text:
+                text = text.replace(secret[at:at + 6], "***")
+    return text
 
 
 # ---------------------------------------------------------------- the SSE decoder
@@ -2761,7 +2992,7 @@ _PROMPT = "> "
 _DIM, _PLAIN = "\033[2m", "\033[0m"
 # C0 controls but newline and tab, DEL and C1, as a terminal is shown them: ESC is \u001b, the
 # JSON way, so that --json on a terminal stays the same JSON
-_VISIBLE = {c: "\\u%04x" % c for c in list(range(32)) + list(range(127, 160)) if c not in (9, 10)}
+_VISIBLE = {c: text for c, text in _VISIBLE_CONTROLS.items() if c not in (9, 10)}
 _EPILOG = """\
 examples:
   %(prog)s "Why is the sky blue?"
@@ -2770,12 +3001,15 @@ examples:
   %(prog)s -o seed 42 -o stop '["\\n"]' "Hi"
   %(prog)s --stats "Hi"          (tokens, time to first token, tokens/s on stderr)
   %(prog)s --json "Say hi" > reply.json
+  %(prog)s --trace "Hi"          (every request and reply on stderr, secrets hidden)
+  %(prog)s --curl "Hi"           (the request as a curl command; nothing is sent)
   %(prog)s --models
   %(prog)s          (no prompt on a terminal: a chat; /help lists its commands)
 
 environment:
   LLM_BASE_URL (or OPENAI_BASE_URL, or OLLAMA_HOST), LLM_MODEL, LLM_API_KEY (or
   OPENAI_API_KEY); with nothing set the server is http://localhost:11434.
+  LLM_TRACE=1 traces to stderr, LLM_TRACE=FILE to a file.
 
 exit status: 0 done, 1 failed (or the model refused), 2 bad arguments, 130 interrupted.
 """
@@ -2816,24 +3050,74 @@ def _command(argv: "Optional[List[str]]") -> int:
     options = _arguments(argv)
     client = Client(options.base_url, model=options.model, api_key=options.key,
                     system=options.system and _typed(options.system),
-                    timeout=_DEFAULT_TIMEOUT if options.timeout is None else options.timeout)
+                    timeout=_DEFAULT_TIMEOUT if options.timeout is None else options.timeout,
+                    trace=sys.stderr if options.trace else None)
     if client._problem:  # a bad --timeout, or a base URL that is no URL
         _complain(client._problem)
         return 2
+    try:
+        return _run(client, options)
+    finally:
+        if client._tracer is not None:  # the trace written to its end
+            client._tracer.flush()
+
+
+def _run(client: Client, options: "Any") -> int:
     if options.models:
         return _list_models(client, options.json)
     params = {"temperature": options.temperature, "max_tokens": options.max_tokens}
     params.update(_option_values(options.option or []))
     prompt = _prompt(options.prompt)
+    if prompt is None and options.curl:
+        _complain("--curl needs a prompt, as an argument or piped in")
+        return 2
     if prompt is None:
         return _chat_loop(client, options, params)
     if not prompt.strip():
         _complain("no prompt: give one as an argument or pipe it in (see --help)")
         return 2
-    reply = _interruptible(client, [{"role": "user", "content": prompt}], options, params)
+    messages = [{"role": "user", "content": prompt}]
+    if options.curl:
+        return _print_curl(client, messages, params, not options.no_stream, options.key)
+    reply = _interruptible(client, messages, options, params)
     if reply.stop_reason == "cancelled":
         return 130
     return 0 if reply.ok and not reply.refusal else 1
+
+
+def _print_curl(client: Client, messages: "List[Any]", params: "Dict[str, Any]", stream: bool,
+                key_given: "Optional[str]") -> int:
+    """Print the request as a curl command that a POSIX shell runs; nothing is sent.
+
+    The key is the variable it came from (``LLM_API_KEY`` for ``--key``), never its value.
+    """
+    from shlex import quote
+
+    try:
+        data = _encode(client._body(messages, params, stream)).decode("utf-8")
+    except _Failure as failure:
+        _complain(str(failure))
+        return 2
+    url = client._chat_path
+    if "://" not in url:
+        url = "%s://%s%s" % (client._scheme, _where(client._host, client._port), url)
+    hidden = _redact(url, client._secrets)  # a key-like query value of base_url
+    if hidden != url:
+        _complain("the URL's key-like query values are shown as ***: put them back")
+    words = ["curl", "-sS"] + (["-N"] if stream else []) + [quote(hidden)]
+    for name, value in (client._stream_headers if stream else client._plain_headers).items():
+        if name.lower() == "authorization" and client._api_key:
+            variable = "LLM_API_KEY" if key_given or os.environ.get("LLM_API_KEY") == client._api_key \
+                else "OPENAI_API_KEY"
+            words += ["-H", '"Authorization: Bearer $%s"' % variable]
+        else:
+            words += ["-H", quote(_redact("%s: %s" % (name, value), client._secrets))]
+    command = " ".join(words + ["--data-binary", quote(data)])
+    if len(command) > 100000:  # longer than one argument may be: the body from a here-document
+        marker = "LLM_PY_BODY_%d" % len(data)
+        command = "%s --data-binary @- <<'%s'\n%s\n%s" % (" ".join(words), marker, data, marker)
+    _Console(sys.stdout).write(command + "\n")
+    return 0
 
 
 def _arguments(argv: "Optional[List[str]]") -> "Any":
@@ -2874,6 +3158,10 @@ def _arguments(argv: "Optional[List[str]]") -> "Any":
         " when it sends any, to stderr")
     add("--stats", action="store_true", help="after the reply, print its tokens, the time"
         " to the first token and the tokens per second to stderr")
+    add("--trace", action="store_true", help="show what goes over the wire on stderr, every"
+        " secret hidden (also LLM_TRACE=1, or LLM_TRACE=FILE)")
+    add("--curl", action="store_true", help="print the request as a curl command instead of"
+        " sending it (the key as its variable, never its value)")
     add("--version", action="version", version="%(prog)s " + __version__)
     return parser.parse_args(argv)
 

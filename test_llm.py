@@ -3359,6 +3359,161 @@ class ServerTimingsTest(LoopbackCase):
         self.assertEqual(response.timings, self.TIMINGS)
 
 
+class Lines:
+    """A trace writer that keeps its lines."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+
+
+def traced(client, writer):
+    """The lines traced so far, times and ports made plain: "+0.012s" is "+T"."""
+    import re
+    client._tracer.flush(5)
+    return [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", re.sub(r"\+\d+\.\d{3}s", "+T", line))
+            for line in writer.text.splitlines()]
+
+
+def request_lines(body, accept):
+    length = len(json.dumps(body))
+    return ["* request to 127.0.0.1:PORT", "> POST /v1/chat/completions HTTP/1.1",
+            "> Host: 127.0.0.1:PORT", "> Accept-Encoding: identity", "> Content-Length: %d" % length,
+            "> Content-Type: application/json", "> User-Agent: llm.py/" + llm.__version__,
+            "> Authorization: Bearer ***", "> Accept: " + accept, ">", "> " + json.dumps(body)]
+
+
+class TraceTest(LoopbackCase):
+    """Client(trace=...): the wire as it went, every secret hidden."""
+
+    def traced_client(self, server, **options):
+        writer = Lines()
+        return self.client(server, api_key=KEY, trace=writer, **options), writer
+
+    def test_the_trace_of_a_call(self):
+        reply = json.dumps(message("Hello")).encode()
+        server = self.serve([head(200, "application/json", chunked=False, length=len(reply)) + reply])
+        client, writer = self.traced_client(server)
+        self.assertEqual(client.chat(HI).content, "Hello")
+        self.assertEqual(traced(client, writer), ["* connecting to 127.0.0.1:PORT"] + request_lines(
+            {"model": "m", "messages": HI, "stream": False}, "application/json") + [
+            "< +T HTTP/1.1 200 OK", "< +T Content-Type: application/json",
+            "< +T Content-Length: %d" % len(reply), "< +T ", "< +T " + reply.decode()])
+
+    def test_the_trace_of_a_stream_each_read_as_it_came(self):
+        server = self.serve(sse(delta("Hel"), delta("lo", "stop")))
+        client, writer = self.traced_client(server)
+        self.assertEqual(client.chat_stream(HI, Writes()).content, "Hello")
+        body = {"model": "m", "messages": HI, "stream": True, "stream_options": {"include_usage": True}}
+        first, second = event(delta("Hel")), event(delta("lo", "stop"))
+        escaped = [text.decode().replace("\n", "\\n") for text in (first, second, b"data: [DONE]\n\n")]
+        self.assertEqual(traced(client, writer), ["* connecting to 127.0.0.1:PORT"] + request_lines(
+            body, "text/event-stream") + [
+            "< +T HTTP/1.1 200 OK", "< +T Content-Type: text/event-stream",
+            "< +T Transfer-Encoding: chunked", "< +T ",
+            "< +T %x" % len(first), "< +T " + escaped[0], "< +T \\r\\n",
+            "< +T %x" % len(second), "< +T " + escaped[1], "< +T \\r\\n",
+            "< +T e", "< +T " + escaped[2], "< +T \\r\\n", "< +T 0", "< +T "])
+
+    def test_each_request_that_goes_again_is_marked(self):
+        busy = json.dumps({"error": "busy"}).encode()
+        refused = answer({"error": {"message": "Unknown parameter: 'stream_options'.",
+                                    "param": "stream_options"}}, 400)
+        cases = {"retry": ([[head(503, "application/json", chunked=False, length=len(busy)) + busy],
+                            answer(message("ok"))], dict(retries=1), "* retry 1 of 1 after: HTTP 503: busy"),
+                 "resend": ([refused, sse(delta("ok", "stop"))], {},
+                            "* the server refused stream_options: the request goes again, changed")}
+        for name, (answers, options, note) in cases.items():
+            with self.subTest(name):
+                client, writer = self.traced_client(self.serve(*answers), **options)
+                with mock.patch("random.uniform", lambda low, high: 0.0):  # the shortest pause
+                    reply = client.chat_stream(HI, Writes()) if name == "resend" else client.chat(HI)
+                self.assertEqual(reply.content, "ok")
+                lines = traced(client, writer)
+                self.assertEqual([line for line in lines if line.startswith("* ")],
+                                 ["* connecting to 127.0.0.1:PORT", "* request to 127.0.0.1:PORT",
+                                  note, "* request to 127.0.0.1:PORT"])
+                self.assertEqual(sum(line.startswith("> POST ") for line in lines), 2)
+
+    def test_interim_answers_are_in_the_trace(self):
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        client, writer = self.traced_client(self.serve([early] + answer(message("ok"))))
+        self.assertEqual(client.chat(HI).content, "ok")
+        lines = traced(client, writer)
+        at = lines.index("< +T HTTP/1.1 103 Early Hints")
+        self.assertEqual(lines[at:at + 4], ["< +T HTTP/1.1 103 Early Hints",
+                                            "< +T Link: </style.css>; rel=preload", "< +T ",
+                                            "< +T HTTP/1.1 200 OK"])
+
+    def test_the_trace_of_a_failed_call(self):
+        client, writer = self.traced_client("http://127.0.0.1:%d" % free_port())
+        self.assertIn("connection refused", client.chat(HI).error)
+        lines = traced(client, writer)
+        self.assertEqual(lines[0], "* connecting to 127.0.0.1:PORT")
+        self.assertRegex(lines[1], r"^\* cannot connect to 127\.0\.0\.1:PORT: ConnectionRefusedError")
+
+    def test_long_bodies_are_cut_with_their_size_said(self):
+        picture = "data:image/png;base64," + "A" * 100000
+        server = self.serve(answer(message("x" * 50000)))
+        client, writer = self.traced_client(server)
+        client.chat([llm.Message("user", [{"type": "image_url", "image_url": {"url": picture}}])])
+        lines = traced(client, writer)
+        body = [line for line in lines if line.startswith("> {")][0]
+        self.assertIn("data:image/png;base64,AAAA", body)
+        self.assertIn("... (%d characters in all)" % len(picture), body)
+        self.assertLess(len(body), 1000)
+        self.assertTrue(all(len(line) < llm._TRACE_LINE + 100 for line in lines))
+        self.assertTrue(any(line.endswith("characters in all)") and line.startswith("< +T {")
+                            for line in lines))
+
+    def test_a_writer_that_raises_or_blocks_neither_breaks_nor_hangs_a_call(self):
+        class Raising:
+            def write(self, text):
+                raise OSError("the disk is full")
+        stuck = threading.Event()
+        self.addCleanup(stuck.set)
+
+        class Blocking:
+            def write(self, text):
+                stuck.wait(30)
+        for writer in (Raising(), Blocking()):
+            with self.subTest(writer=type(writer).__name__):
+                server = self.serve(sse(*[delta("x" * 10) for _ in range(2000)] + [delta("", "stop")]))
+                client = self.client(server, trace=writer)
+                for _ in range(3):  # thousands of lines: more than the trace keeps waiting
+                    reply = client.chat_stream(HI, Writes())
+                    self.assertEqual((reply.error, len(reply.content)), ("", 20000))
+                started = time.monotonic()
+                client.close()  # waits a bounded time for the trace
+                self.assertLess(time.monotonic() - started, 5)
+
+    def test_no_trace_unless_asked(self):
+        server = self.serve(answer(message("ok")))
+        self.assertIsNone(self.client(server)._tracer)
+        with mock.patch.dict(os.environ, {"LLM_TRACE": "0"}):
+            self.assertIsNone(self.client(server)._tracer)
+        with mock.patch.dict(os.environ, {"LLM_TRACE": "1"}):
+            self.assertIsNotNone(self.client(server)._tracer)
+            self.assertIsNone(self.client(server, trace=False)._tracer)
+        self.assertIn("trace must be a writer", self.client(server, trace=5).chat(HI).error)
+
+    def test_llm_trace_names_a_file_that_the_trace_is_appended_to(self):
+        path = os.path.join(tempfile.mkdtemp(), "trace.txt")
+        self.addCleanup(lambda: os.path.exists(path) and os.remove(path))
+        server = self.serve(answer(message("ok")))
+        for _ in range(2):
+            with mock.patch.dict(os.environ, {"LLM_TRACE": path}):
+                client = llm.Client(server.url, model="m", api_key=KEY)
+            self.assertEqual(client.chat(HI).content, "ok")
+            client.close()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertEqual(text.count("> POST /v1/chat/completions HTTP/1.1"), 2)
+        self.assertNotIn(KEY[3:9], text)
+
+
 class SetupErrorTest(LoopbackCase):
     def test_404_and_405_name_the_method_and_url_tried(self):
         server = self.serve(answer({"detail": "Not Found"}, 404), answer({"error": "no"}, 405))

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -394,6 +395,70 @@ class JSONTest(CommandLineCase):
         server = self.serve(sse(delta("caf\u00e9", "stop")))
         result = self.run_cli("--json", "Hi", server=server)
         self.assertIn('"content": "caf\u00e9"', result.out)
+
+
+class WireTest(CommandLineCase):
+    """--trace shows the wire on stderr; --curl prints the request as a curl command."""
+
+    def test_trace_shows_the_wire_on_stderr_and_never_the_key(self):
+        server = self.serve(sse(delta("Hi", "stop")))
+        result = self.run_cli("--trace", "Hello", server=server, env={"LLM_API_KEY": KEY,
+                                                                      "LLM_BASE_URL": server.url})
+        self.assertEqual((result.status, result.out), (0, "Hi\n"))
+        lines = result.err.splitlines()
+        self.assertIn("> POST /v1/chat/completions HTTP/1.1", lines)
+        self.assertIn("> Authorization: Bearer ***", lines)
+        self.assertTrue(any(line.startswith("< +") and "HTTP/1.1 200 OK" in line for line in lines))
+        self.assertTrue(any(line.startswith("< +") and "data: [DONE]" in line for line in lines))
+        self.assertNotIn(KEY[3:9], result.err)
+
+    def curl_of(self, server, *args, **env):
+        result = self.run_cli("--curl", *args, server=server, env=env)
+        self.assertEqual(result.err, "")
+        self.assertEqual(result.status, 0)
+        self.assertNotIn(KEY[3:9], result.out)
+        return result.out
+
+    @unittest.skipUnless(shutil.which("curl") and shutil.which("sh"), "needs curl and a POSIX shell")
+    def test_curl_runs_with_a_real_curl_and_gets_the_clients_answer(self):
+        prompt = "It's \"quoted\" $HOME `date` \\ and caf\u00e9"
+        for stream in (True, False):
+            with self.subTest(stream=stream):
+                server = self.serve(sse(delta("Hel"), delta("lo", "stop")) if stream
+                                    else answer(message("Hello")))
+                options = ["-o", "seed", "42"] + ([] if stream else ["--no-stream"]) + [prompt]
+                for key_variable in ("LLM_API_KEY", "OPENAI_API_KEY"):
+                    env = {key_variable: KEY, key_variable.replace("API_KEY", "BASE_URL"): server.url + "/v1"}
+                    command = self.curl_of(server, *options, **env)
+                    self.assertIn('"Authorization: Bearer $%s"' % key_variable, command)
+                    self.assertEqual(server.requests, [])  # --curl sends nothing
+                    ran = run(["sh", "-c", command], env=environment(**env))
+                    self.assertEqual(ran.status, 0, ran.err)
+                    by_curl = server.requests[-1]
+                    reply = self.run_cli(*options, server=server, env=env)
+                    by_llm = server.requests[-1]
+                    self.assertEqual(by_curl.json(), by_llm.json())
+                    for name in ("authorization", "content-type", "accept"):
+                        self.assertEqual(by_curl.headers[name], by_llm.headers[name])
+                    if stream:
+                        said = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                                       for line in ran.out.splitlines() if line.startswith("data: {"))
+                    else:
+                        said = json.loads(ran.out)["choices"][0]["message"]["content"]
+                    self.assertEqual((said + "\n", reply.out), ("Hello\n", "Hello\n"))
+                    with server.lock:
+                        server.requests.clear()
+
+    def test_curl_with_a_key_given_on_the_command_line_names_the_variable(self):
+        server = self.serve(sse(delta("x", "stop")))
+        command = self.curl_of(server, "--key", KEY, "Hi")
+        self.assertIn('"Authorization: Bearer $LLM_API_KEY"', command)
+        self.assertEqual(server.requests, [])
+
+    def test_curl_needs_a_prompt(self):
+        result = self.run_cli("--curl", server=self.serve(sse(delta("x", "stop"))))
+        self.assertEqual(result.status, 2)
+        self.assertIn("no prompt", result.err)
 
 
 class ModelsTest(CommandLineCase):
