@@ -419,27 +419,21 @@ class Client:
                  params: "Optional[Dict[str, Any]]" = None, stream_usage: bool = True,
                  max_bytes: int = _MAX_BYTES, think_tags: bool = True,
                  trace: "Any" = None) -> None:
-        self._problem = ""
         self._lock = threading.Lock()
         self._local = threading.local()
         self._active = set()  # type: Set[_Guard]  # the calls in flight, as cancel() wakes them
         self._connections = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
-        self._tls = None  # type: Any
-        self._max_bytes = _MAX_BYTES
-        self.base_url = self.model = self.system = ""
-        self._api_key = ""
-        self._secrets = []  # type: List[str]  # every form in which a secret may come back
+        self._tls = None  # type: Any  # the SSL context, made by the first https call
         self._refused = set()  # type: Set[str]  # what this server refused: adjusted in every call
-        self._think_tags = bool(think_tags)
-        self._tracer = None  # type: Optional[_Tracer]
+        settings = self._settings = _Settings()
         try:
-            self._configure(base_url, model, api_key, system, timeout, deadline, headers,
-                            retries, verify, ca_file, params, stream_usage, max_bytes)
-            self._tracer = _tracer_for(trace, os.environ, self._secrets)
+            settings.read(base_url, model, api_key, system, timeout, deadline, headers, retries,
+                          verify, ca_file, params, stream_usage, max_bytes, think_tags, trace)
         except Exception as exc:  # reported by every call instead
-            self._problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
+            settings.problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
                 else "bad client argument: " + _describe(exc)
-            self.base_url = _shown_url(self.base_url)  # a refused user:pass@ is not kept
+            settings.base_url = _shown_url(settings.base_url)  # a refused user:pass@ is not kept
+        self.base_url, self.model, self.system = settings.base_url, settings.model, settings.system
 
     def chat(self, messages: "List[Any]", **params: "Any") -> Response:
         """Send ``messages`` and return the whole reply as a :class:`Response`.
@@ -471,7 +465,7 @@ class Client:
             problem = "got %s" % type(out).__name__
         if not callable(write):
             refused = Response("", "error", _one_line(_redact(
-                "out must have a write(str) method, " + problem, self._secrets)))
+                "out must have a write(str) method, " + problem, self._settings.secrets)))
             refused.error_kind = "bad_request"
             return refused
         call = _Call(self, stream=True)
@@ -493,7 +487,7 @@ class Client:
                 if response.ok:
                     response.stop_reason, response.error_kind = "error", "output"
                     response.error = _one_line(_redact(
-                        "writing the reply failed: " + _describe(exc), self._secrets))
+                        "writing the reply failed: " + _describe(exc), self._settings.secrets))
         return response
 
     def stream(self, messages: "List[Any]", **params: "Any") -> Stream:
@@ -532,8 +526,8 @@ class Client:
             connections = list(self._connections)
         for connection in connections:
             connection.close()
-        if self._tracer is not None:
-            self._tracer.flush()
+        if self._settings.tracer is not None:
+            self._settings.tracer.flush()
 
     def __enter__(self) -> "Client":
         return self
@@ -543,64 +537,100 @@ class Client:
 
     def __repr__(self) -> str:
         return "Client(base_url=%r, model=%r, api_key=%r)" % (
-            _shown_url(self.base_url), self.model, "***" if self._api_key else "")
+            _shown_url(self.base_url), self.model, "***" if self._settings.api_key else "")
 
-    # ------------------------------------------------------------ configuration
+    def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
+        """The request's JSON body: the client's defaults, the call's parameters, the messages."""
+        settings = self._settings
+        body = {"model": settings.model} if settings.model else {}  # type: Dict[str, Any]
+        body.update(settings.params)
+        body.update(params)
+        body["messages"] = _checked_messages(messages, settings.system)
+        body["stream"] = stream
+        if (stream and settings.stream_usage and "stream_options" not in body
+                and "stream_options" not in self._refused):
+            body["stream_options"] = _ASK_USAGE
+        if None in body.values():  # a None leaves its key out
+            body = {key: value for key, value in body.items() if value is not None}
+        return body
 
-    def _configure(self, base_url: "Any", model: "Any", api_key: "Any", system: "Any",
-                   timeout: "Any", deadline: "Any", headers: "Any", retries: "Any",
-                   verify: "Any", ca_file: "Any", params: "Any", stream_usage: "Any",
-                   max_bytes: "Any") -> None:
+
+class _Settings:
+    """A client's settings, decided once when it is made: calls read them, never change them.
+
+    ``problem`` says why every call fails ("" when the arguments were good);
+    ``scheme``, ``host``, ``port``: the server; ``chat_path`` and ``models_path``:
+    its paths, as a user checks them; ``chat_target`` and ``models_target``: what
+    the request line carries (the absolute URL, through a proxy); ``proxy``: the
+    proxy's (host, port), or None, and ``tunnel_headers`` its CONNECT headers;
+    ``api_key``; ``secrets``: every form in which a secret may come back;
+    ``stream_headers``, ``plain_headers``: each kind of request's headers; the
+    rest as the :class:`Client`'s arguments say.
+    """
+
+    problem = base_url = model = system = api_key = scheme = host = ""
+    chat_path = models_path = chat_target = models_target = ""
+    port = retries = 0
+    connect_timeout, read_timeout = _DEFAULT_TIMEOUT
+    deadline = 0.0
+    max_bytes = _MAX_BYTES
+    verify, ca_file = True, None  # type: bool, Optional[str]
+    params = stream_headers = plain_headers = tunnel_headers = {}  # type: Dict[str, Any]
+    proxy = None  # type: Optional[Tuple[str, int]]
+    secrets = []  # type: List[str]
+    stream_usage = think_tags = True
+    tracer = None  # type: Optional[_Tracer]
+
+    def read(self, base_url: "Any", model: "Any", api_key: "Any", system: "Any", timeout: "Any",
+             deadline: "Any", headers: "Any", retries: "Any", verify: "Any", ca_file: "Any",
+             params: "Any", stream_usage: "Any", max_bytes: "Any", think_tags: "Any",
+             trace: "Any") -> None:
+        """Check the client's arguments (the environment where they are None) and keep them."""
         environ = os.environ
         if base_url is None:
             base_url = _base_url_from(environ)
         if model is None:
             model = environ.get("LLM_MODEL", "")
-        self.base_url = _text("base_url", base_url)
-        self.model = _text("model", model)
-        (self._scheme, self._host, self._port, self._chat_path,
-         self._models_path) = _endpoint(self.base_url)
+        self.base_url = _checked_text("base_url", base_url)
+        self.model = _checked_text("model", model)
+        self.scheme, self.host, self.port, self.chat_path, self.models_path = _endpoint(self.base_url)
         if api_key is None:  # the environment's key goes only where the environment sends it
-            api_key = _environment_key(environ, (self._scheme, self._host, self._port))
-        self._api_key = _text("api_key", api_key, secret=True)
-        self.system = _text("system", system or "", single_line=False)
-        self._connect_timeout, self._read_timeout = _timeouts(timeout)
-        self._deadline = _seconds("deadline", deadline) if deadline is not None else 0.0
-        self._retries = _count("retries", retries)
-        self._max_bytes = _count("max_bytes", max_bytes)
-        self._verify, self._ca_file = _verification(verify, ca_file)
+            api_key = _environment_key(environ, (self.scheme, self.host, self.port))
+        self.api_key = _checked_text("api_key", api_key, secret=True)
+        self.system = _checked_text("system", system or "", single_line=False)
+        self.connect_timeout, self.read_timeout = _timeouts(timeout)
+        self.deadline = _seconds("deadline", deadline) if deadline is not None else 0.0
+        self.retries = _count("retries", retries)
+        self.max_bytes = _count("max_bytes", max_bytes)
+        self.verify, self.ca_file = _verification(verify, ca_file)
         if not isinstance(params or {}, dict):
             raise TypeError("params must be a dict, got %s" % type(params).__name__)
-        self._params = dict(params or {})
-        self._stream_usage = bool(stream_usage)
-        self._set_headers(headers or {})
+        self.params = dict(params or {})
+        self.stream_usage, self.think_tags = bool(stream_usage), bool(think_tags)
+        self._read_headers(headers or {})
+        self.tracer = _tracer_for(trace, environ, self.secrets)
 
-    def _set_headers(self, headers: "Any") -> None:
+    def url(self, path: str) -> str:
+        """The absolute URL of one of the server's paths."""
+        return "%s://%s%s" % (self.scheme, _where(self.host, self.port), path)
+
+    def _read_headers(self, headers: "Any") -> None:
         """The headers each request sends, its proxy, and the secrets never to show."""
-        sent = _headers(self._api_key, headers)
-        self._proxy = _proxy_for(self._scheme, self._host)
-        if self._proxy and self._scheme == "http":  # a proxy wants the absolute URL
-            origin = "http://%s" % _where(self._host, self._port)
-            self._chat_path, self._models_path = (origin + self._chat_path,
-                                                  origin + self._models_path)
-            sent.update(self._proxy[2])
-        self._stream_headers = _accepting(sent, "text/event-stream")
-        self._plain_headers = _accepting(sent, "application/json")
-        tunnel = self._proxy[2] if self._proxy else {}  # CONNECT's Proxy-Authorization
-        self._secrets = _secret_forms([self._api_key] + [
-            value for name, value in list(sent.items()) + list(tunnel.items())
-            + _query_fields(self._chat_path) if _is_credential(name)])
-
-    def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
-        body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
-        body.update(self._params)
-        body.update(params)
-        body["messages"] = _checked_messages(messages, self.system)
-        body["stream"] = stream
-        if (stream and self._stream_usage and "stream_options" not in body
-                and "stream_options" not in self._refused):
-            body["stream_options"] = _ASK_USAGE
-        return {key: value for key, value in body.items() if value is not None}
+        sent = _headers(self.api_key, headers)
+        proxy = _proxy_for(self.scheme, self.host)
+        self.chat_target, self.models_target = self.chat_path, self.models_path
+        if proxy is not None:
+            self.proxy, self.tunnel_headers = proxy[:2], proxy[2]
+            if self.scheme == "http":  # a proxy wants the absolute URL, and its credentials
+                origin = "http://%s" % _where(self.host, self.port)
+                self.chat_target, self.models_target = (origin + self.chat_path,
+                                                        origin + self.models_path)
+                sent.update(self.tunnel_headers)
+        self.stream_headers = _accepting(sent, "text/event-stream")
+        self.plain_headers = _accepting(sent, "application/json")
+        self.secrets = _secret_forms([self.api_key] + [
+            value for name, value in list(sent.items()) + list(self.tunnel_headers.items())
+            + _query_fields(self.chat_path) if _is_credential(name)])
 
 
 class _Models(list):  # type: ignore[type-arg]
@@ -800,7 +830,7 @@ def _redact(text: str, secrets: "List[str]") -> str:
     return text
 
 
-def _text(name: str, value: "Any", secret: bool = False, single_line: bool = True) -> str:
+def _checked_text(name: str, value: "Any", secret: bool = False, single_line: bool = True) -> str:
     if not isinstance(value, str):
         raise TypeError("%s must be a string, got %s" % (name, type(value).__name__))
     if single_line and any(c in value for c in "\r\n\0"):
@@ -846,10 +876,10 @@ def _headers(api_key: str, extra: "Any") -> "Dict[str, str]":
     if not isinstance(extra, dict):
         raise TypeError("headers must be a dict, got %s" % type(extra).__name__)
     for name, value in extra.items():
-        _text("header name", name)
+        _checked_text("header name", name)
         if not name or any(not 32 < ord(c) < 127 or c in '()<>@,;:\\"/[]?={}' for c in name):
             raise ValueError("invalid header name %r" % name)
-        _text("header %s" % name, value, secret=True)
+        _checked_text("header %s" % name, value, secret=True)
         for same in [key for key in headers if key.lower() == name.lower()]:
             del headers[same]  # ours, or an earlier spelling: header names ignore case
         headers[name] = _latin1("header %s" % name, value)
@@ -1005,21 +1035,21 @@ class _Call:
         self.client = client
         self.guard = _Guard(client)
         self.exchange = _Exchange(client, stream, self.guard)
-        self.assembler = _Assembler(client._max_bytes, client._think_tags)
+        self.assembler = _Assembler(client._settings.max_bytes, client._settings.think_tags)
 
     def run(self, work: "Iterator[str]") -> "Iterator[str]":
         """Run ``work`` (a generator of this call's): its pieces, then the result."""
         guard = self.guard
         self.started = time.monotonic()
         try:
-            if self.client._problem:
-                raise _Failure(self.client._problem, "bad_request")
+            if self.client._settings.problem:
+                raise _Failure(self.client._settings.problem, "bad_request")
             guard.start()
             for piece in work:
                 yield piece
         except _Failure as failure:
             if guard.expired:
-                self.error, self.kind = "deadline of %gs exceeded" % self.client._deadline, "timeout"
+                self.error, self.kind = "deadline of %gs exceeded" % self.client._settings.deadline, "timeout"
             else:
                 self.error, self.kind, self.overflow = str(failure), failure.kind, failure.overflow
         except Exception as exc:  # the one boundary: a surprise becomes an error response
@@ -1060,7 +1090,7 @@ class _Call:
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
         exchange, assembler, on_reasoning = self.exchange, self.assembler, self.on_reasoning
         guard, reasoning = self.guard, assembler.reasoning
-        max_bytes = budget = self.client._max_bytes
+        max_bytes = budget = self.client._settings.max_bytes
         decoder = _SSEDecoder(max_bytes)
         event = assembler.event
         waiting = True  # for the first token
@@ -1098,7 +1128,7 @@ class _Call:
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
         text = self.exchange.read_all(answer, first).decode("utf-8", "replace")  # the bytes go now
         try:
-            reply = _json(text, self.client._max_bytes)
+            reply = _json(text, self.client._settings.max_bytes)
         except _Costly as exc:
             raise _Failure(str(exc), "too_large")
         except (ValueError, RecursionError):
@@ -1123,7 +1153,7 @@ class _Call:
         """The call's :class:`Response`, from what has arrived so far."""
         exchange, assembler = self.exchange, self.assembler
         cancelled = self.guard.cancelled and bool(self.error or not assembler.done)
-        response = assembler.response(self.error, cancelled, self.client._secrets, self.kind)
+        response = assembler.response(self.error, cancelled, self.client._settings.secrets, self.kind)
         response.overflow = self.overflow if response.error_kind == "context_overflow" else None
         response.status = exchange.status
         if exchange.headers is not None:
@@ -1163,9 +1193,9 @@ class _Guard:
         client = self.client
         with client._lock:
             client._active.add(self)
-        if client._deadline:  # a timer bounds every wait, http.client's own loops too
-            self.deadline_at = time.monotonic() + client._deadline
-            self.timer = threading.Timer(client._deadline, self._expire)
+        if client._settings.deadline:  # a timer bounds every wait, http.client's own loops too
+            self.deadline_at = time.monotonic() + client._settings.deadline
+            self.timer = threading.Timer(client._settings.deadline, self._expire)
             self.timer.daemon = True
             self.timer.start()
 
@@ -1219,13 +1249,13 @@ class _Guard:
     def remaining(self) -> float:
         remaining = self.deadline_at - time.monotonic()
         if remaining <= 0:
-            raise _Failure("deadline of %gs exceeded" % self.client._deadline, "timeout")
+            raise _Failure("deadline of %gs exceeded" % self.client._settings.deadline, "timeout")
         return remaining
 
     def sleep(self, delay: float, why: str, kind: str) -> None:
         """Wait ``delay`` seconds, unless cancel() or the deadline comes first."""
         if self.deadline_at and delay >= self.remaining():
-            raise _Failure(why or "deadline of %gs exceeded" % self.client._deadline,
+            raise _Failure(why or "deadline of %gs exceeded" % self.client._settings.deadline,
                            kind or "timeout")
         if self.wake is None:
             self.wake = threading.Event()
@@ -1292,8 +1322,8 @@ class _Exchange:
 
     def _note(self, text: str) -> None:
         """Say in the trace why a request goes again (a rare path: no cost to a call)."""
-        if self.client._tracer is not None:
-            self.client._tracer.line("* " + text)
+        if self.client._settings.tracer is not None:
+            self.client._settings.tracer.line("* " + text)
 
     def adjust(self, body: "Dict[str, Any]", refused: str) -> None:
         """Change the request as a server that refused ``refused`` wants it; note what changed."""
@@ -1311,9 +1341,9 @@ class _Exchange:
             try:
                 answer = self._send(data)
             except _Failure as failure:
-                if not failure.retryable or attempt >= client._retries or self.guard.cancelled:
+                if not failure.retryable or attempt >= client._settings.retries or self.guard.cancelled:
                     raise
-                self._note("retry %d of %d after: %s" % (attempt + 1, client._retries, failure))
+                self._note("retry %d of %d after: %s" % (attempt + 1, client._settings.retries, failure))
                 self._pause(attempt, None, str(failure), failure.kind)
                 attempt += 1
                 continue
@@ -1330,8 +1360,8 @@ class _Exchange:
                 data = _encode(body)  # type: ignore[arg-type]
                 continue
             kind, overflow = _error_kind(answer.status, raw)
-            if answer.status in _RETRY_STATUSES and attempt < client._retries:
-                self._note("retry %d of %d after: %s" % (attempt + 1, client._retries, message))
+            if answer.status in _RETRY_STATUSES and attempt < client._settings.retries:
+                self._note("retry %d of %d after: %s" % (attempt + 1, client._settings.retries, message))
                 self._pause(attempt, _retry_after(answer.getheader("Retry-After")), message, kind)
                 attempt += 1
                 continue
@@ -1341,7 +1371,7 @@ class _Exchange:
         """Send the request; a kept-alive connection that the server closed is retried once."""
         client = self.client
         connection = self.connection = self.connection or _checkout(client, self.guard.pid)
-        headers = client._stream_headers if self.stream else client._plain_headers
+        headers = client._settings.stream_headers if self.stream else client._settings.plain_headers
         reused = connection.sock is not None
         while True:
             if connection.sock is None:
@@ -1350,9 +1380,9 @@ class _Exchange:
             sent_at = time.monotonic()
             try:
                 if data is None:
-                    connection.request("GET", client._models_path, headers=headers)
+                    connection.request("GET", client._settings.models_target, headers=headers)
                 else:
-                    connection.request("POST", client._chat_path, data, headers)
+                    connection.request("POST", client._settings.chat_target, data, headers)
                 answer = self.answer = connection.getresponse()  # type: ignore[assignment]
                 return answer
             except (ConnectionError, http.client.BadStatusLine) as exc:
@@ -1371,7 +1401,7 @@ class _Exchange:
 
     def _connect(self, connection: "http.client.HTTPConnection") -> None:
         client, guard = self.client, self.guard
-        timeout = client._connect_timeout
+        timeout = client._settings.connect_timeout
         if guard.deadline_at:
             timeout = min(timeout, guard.remaining())
         connection.timeout = timeout
@@ -1381,13 +1411,14 @@ class _Exchange:
             guard.connect(connection)
         except socket.gaierror as exc:
             raise _Failure("cannot resolve host %s (%s)" % (
-                (client._proxy or (client._host,))[0], exc.strerror or exc), "network")
+                (client._settings.proxy or (client._settings.host,))[0], exc.strerror or exc),
+                "network")
         except ConnectionRefusedError:
             raise _Failure("connection refused: %s" % where, "network", retryable=True)
         except socket.timeout:
             handshake = connection.sock is not None  # TCP is up: TLS (or a proxy) timed out
             connection.close()  # never keep a socket whose TLS handshake did not finish
-            if handshake and client._scheme == "https" and not client._proxy:
+            if handshake and client._settings.scheme == "https" and not client._settings.proxy:
                 raise _Failure("timed out after %gs in the TLS handshake with %s (is it a plain"
                                " HTTP server? then use an http:// URL)" % (timeout, where), "timeout")
             raise _Failure("timed out after %gs connecting to %s" % (timeout, where), "timeout",
@@ -1399,7 +1430,7 @@ class _Exchange:
         connection.round_trip = time.monotonic() - started  # type: ignore[attr-defined]
         sock = connection.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(client._read_timeout)
+        sock.settimeout(client._settings.read_timeout)
         if guard.cancelled:
             raise _Cancelled()
 
@@ -1469,7 +1500,7 @@ class _Exchange:
 
     def read_all(self, answer: "http.client.HTTPResponse", first: bytes) -> bytes:
         """The whole body, ``first`` (bytes already read) included, within max_bytes."""
-        limit = self.client._max_bytes - len(first)
+        limit = self.client._settings.max_bytes - len(first)
         if answer.length is not None:
             if answer.length > limit:
                 self.too_large()
@@ -1487,12 +1518,12 @@ class _Exchange:
 
     def too_large(self) -> None:
         self.broken = True
-        raise _Failure("response larger than max_bytes (%d bytes)" % self.client._max_bytes,
+        raise _Failure("response larger than max_bytes (%d bytes)" % self.client._settings.max_bytes,
                        "too_large")
 
     def drain(self, answer: "http.client.HTTPResponse") -> None:
         """After [DONE], read the end of the body (for a second at most) for the connection's reuse."""
-        read_timeout, give_up = self.client._read_timeout, time.monotonic() + 1.0
+        read_timeout, give_up = self.client._settings.read_timeout, time.monotonic() + 1.0
         sock = self.guard.sock
         try:
             for _ in range(64):
@@ -1659,18 +1690,19 @@ def _quiet(sock: "Any") -> bool:
 
 
 def _new_connection(client: Client) -> "http.client.HTTPConnection":
-    host, port = client._proxy[:2] if client._proxy else (client._host, client._port)
-    if client._scheme == "http":
-        connection = http.client.HTTPConnection(host, port, timeout=client._connect_timeout)
+    settings = client._settings
+    host, port = settings.proxy or (settings.host, settings.port)
+    if client._settings.scheme == "http":
+        connection = http.client.HTTPConnection(host, port, timeout=client._settings.connect_timeout)
     else:
         context = _tls_context(client)  # first: without ssl there is no HTTPSConnection
         connection = http.client.HTTPSConnection(
-            host, port, timeout=client._connect_timeout, context=context)
-        if client._proxy:
-            connection.set_tunnel(client._host, client._port, headers=client._proxy[2])
+            host, port, timeout=client._settings.connect_timeout, context=context)
+        if settings.proxy:
+            connection.set_tunnel(settings.host, settings.port, headers=settings.tunnel_headers)
     connection.response_class = _FinalResponse
-    if client._tracer is not None:  # only then: a call without a trace pays nothing for it
-        client._tracer.watch(connection)
+    if client._settings.tracer is not None:  # only then: a call without a trace pays nothing for it
+        client._settings.tracer.watch(connection)
     return connection
 
 
@@ -1683,11 +1715,11 @@ def _tls_context(client: Client) -> "Any":
             raise _Failure("https needs Python's ssl module, which this Python lacks;"
                            " use an http:// URL", "bad_request")
         try:
-            context = ssl.create_default_context(cafile=client._ca_file)
+            context = ssl.create_default_context(cafile=client._settings.ca_file)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise _Failure("cannot load ca_file %r: %s" % (client._ca_file, _describe(exc)),
+            raise _Failure("cannot load ca_file %r: %s" % (client._settings.ca_file, _describe(exc)),
                            "bad_request")
-        if not client._verify:
+        if not client._settings.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         client._tls = context
@@ -2894,7 +2926,7 @@ def _network_kind(exc: BaseException) -> str:
 def _network_error(exc: BaseException, client: "Client") -> str:
     """What a failed send or read means, in words, and where it happened."""
     if isinstance(exc, socket.timeout):
-        return "timed out after %gs waiting for data" % client._read_timeout
+        return "timed out after %gs waiting for data" % client._settings.read_timeout
     if isinstance(exc, http.client.RemoteDisconnected):
         return "%s closed the connection without answering" % _peer(client)
     if isinstance(exc, ConnectionResetError):
@@ -2906,17 +2938,16 @@ def _network_error(exc: BaseException, client: "Client") -> str:
 
 def _tried(client: "Client", posted: bool) -> str:
     """The method and URL of the request, as a user would check them."""
-    path = client._chat_path if posted else client._models_path
-    if "://" not in path:  # not already absolute for a proxy
-        path = "%s://%s%s" % (client._scheme, _where(client._host, client._port), path)
-    return "%s %s" % ("POST" if posted else "GET", _shown_url(path))
+    settings = client._settings
+    url = settings.url(settings.chat_path if posted else settings.models_path)
+    return "%s %s" % ("POST" if posted else "GET", _shown_url(url))
 
 
 def _peer(client: "Client") -> str:
     """The server (or the proxy) a client talks to, as ``host:port``."""
-    if client._proxy:
-        return "proxy %s" % _where(client._proxy[0], client._proxy[1])
-    return _where(client._host, client._port)
+    if client._settings.proxy:
+        return "proxy %s" % _where(*client._settings.proxy)
+    return _where(client._settings.host, client._settings.port)
 
 
 def _retry_after(value: "Optional[str]") -> "Optional[float]":
@@ -3052,14 +3083,14 @@ def _command(argv: "Optional[List[str]]") -> int:
                     system=options.system and _typed(options.system),
                     timeout=_DEFAULT_TIMEOUT if options.timeout is None else options.timeout,
                     trace=sys.stderr if options.trace else None)
-    if client._problem:  # a bad --timeout, or a base URL that is no URL
-        _complain(client._problem)
+    if client._settings.problem:  # a bad --timeout, or a base URL that is no URL
+        _complain(client._settings.problem)
         return 2
     try:
         return _run(client, options)
     finally:
-        if client._tracer is not None:  # the trace written to its end
-            client._tracer.flush()
+        if client._settings.tracer is not None:  # the trace written to its end
+            client._settings.tracer.flush()
 
 
 def _run(client: Client, options: "Any") -> int:
@@ -3098,20 +3129,19 @@ def _print_curl(client: Client, messages: "List[Any]", params: "Dict[str, Any]",
     except _Failure as failure:
         _complain(str(failure))
         return 2
-    url = client._chat_path
-    if "://" not in url:
-        url = "%s://%s%s" % (client._scheme, _where(client._host, client._port), url)
-    hidden = _redact(url, client._secrets)  # a key-like query value of base_url
+    settings = client._settings
+    url = settings.url(settings.chat_path)
+    hidden = _redact(url, settings.secrets)  # a key-like query value of base_url
     if hidden != url:
         _complain("the URL's key-like query values are shown as ***: put them back")
     words = ["curl", "-sS"] + (["-N"] if stream else []) + [quote(hidden)]
-    for name, value in (client._stream_headers if stream else client._plain_headers).items():
-        if name.lower() == "authorization" and client._api_key:
-            variable = "LLM_API_KEY" if key_given or os.environ.get("LLM_API_KEY") == client._api_key \
+    for name, value in (settings.stream_headers if stream else settings.plain_headers).items():
+        if name.lower() == "authorization" and settings.api_key:
+            variable = "LLM_API_KEY" if key_given or os.environ.get("LLM_API_KEY") == settings.api_key \
                 else "OPENAI_API_KEY"
             words += ["-H", '"Authorization: Bearer $%s"' % variable]
         else:
-            words += ["-H", quote(_redact("%s: %s" % (name, value), client._secrets))]
+            words += ["-H", quote(_redact("%s: %s" % (name, value), settings.secrets))]
     command = " ".join(words + ["--data-binary", quote(data)])
     if len(command) > 100000:  # longer than one argument may be: the body from a here-document
         marker = "LLM_PY_BODY_%d" % len(data)
@@ -3234,7 +3264,7 @@ def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
     _line_editing()
     notes = _Console(sys.stderr)
     notes.write("llm.py %s: %s at %s. %s\n" % (__version__, client.model or "the default model",
-                                               _where(client._host, client._port), _CHAT_HELP))
+                                               _where(client._settings.host, client._settings.port), _CHAT_HELP))
     history = []  # type: List[Dict[str, Any]]
     while True:
         line = _next_line()
@@ -3363,7 +3393,7 @@ def _reply(client: Client, messages: "List[Any]", options: "Any",
         thoughts.write(reply.reasoning[thoughts.written:])
         thoughts.end_line()
     if options.json:
-        out.write(json.dumps(_as_json(reply, client._secrets), indent=2,
+        out.write(json.dumps(_as_json(reply, client._settings.secrets), indent=2,
                              ensure_ascii=not _utf8(sys.stdout)) + "\n")
     else:
         if options.no_stream:

@@ -1973,7 +1973,7 @@ class TLSAndProxyTest(LoopbackCase):
         for host in ("127.1", "2130706433", "0x7f000001"):
             with self.subTest(host=host):
                 client = self.client("http://%s:%d" % (host, server.port))
-                self.assertIsNone(client._proxy)
+                self.assertIsNone(client._settings.proxy)
                 self.assertEqual(client.chat(HI).content, "direct")
 
     def test_no_proxy_is_honoured(self):
@@ -2033,10 +2033,10 @@ class ConfigurationTest(LoopbackCase):
         self.env()
         self.assertEqual(llm.Client().base_url, "http://localhost:11434")
         self.env(OPENAI_BASE_URL="https://api.example/v1", OLLAMA_HOST="somewhere", OPENAI_API_KEY="k1")
-        self.assertEqual((llm.Client().base_url, llm.Client()._api_key), ("https://api.example/v1", "k1"))
+        self.assertEqual((llm.Client().base_url, llm.Client()._settings.api_key), ("https://api.example/v1", "k1"))
         self.env(LLM_BASE_URL="http://a:1", OPENAI_BASE_URL="http://b:2", LLM_API_KEY="k2", OPENAI_API_KEY="k1")
-        self.assertEqual((llm.Client().base_url, llm.Client()._api_key), ("http://a:1", "k2"))
-        self.assertEqual(llm.Client(api_key="")._api_key, "")  # "" means no key, whatever the environment
+        self.assertEqual((llm.Client().base_url, llm.Client()._settings.api_key), ("http://a:1", "k2"))
+        self.assertEqual(llm.Client(api_key="")._settings.api_key, "")  # "" means no key, whatever the environment
         self.assertEqual(llm.Client("http://c:3").base_url, "http://c:3")
 
     def test_the_environment_key_goes_only_where_the_environment_pairs_it(self):
@@ -2050,24 +2050,24 @@ class ConfigurationTest(LoopbackCase):
 
         self.env(OPENAI_API_KEY=KEY)  # OpenAI's key, for OpenAI only
         self.assertIsNone(sent(self.client(server, api_key=None)))
-        self.assertEqual(llm.Client("https://api.openai.com/v1")._api_key, KEY)
-        self.assertEqual(llm.Client("https://API.openai.com:443")._api_key, KEY)
+        self.assertEqual(llm.Client("https://api.openai.com/v1")._settings.api_key, KEY)
+        self.assertEqual(llm.Client("https://API.openai.com:443")._settings.api_key, KEY)
         for url in ("http://api.openai.com/v1", "https://api.openai.com:8443/v1", "https://api.openai.com.evil/v1",
                     "http://localhost:11434", other):
-            self.assertEqual(llm.Client(url)._api_key, "", url)
+            self.assertEqual(llm.Client(url)._settings.api_key, "", url)
         self.assertEqual(sent(self.client(server, api_key=KEY)), "Bearer " + KEY)  # an argument goes anywhere
         self.env(OPENAI_BASE_URL=server.url + "/v1", OPENAI_API_KEY=KEY)
         self.assertEqual(sent(llm._environment_client()), "Bearer " + KEY)
         self.assertEqual(sent(self.client(server.url + "/other/v1", api_key=None)), "Bearer " + KEY)  # same origin
-        self.assertEqual(llm.Client(other)._api_key, "")
-        self.assertEqual(llm.Client("http://localhost:%d" % server.port)._api_key, "")  # origins are compared as named
+        self.assertEqual(llm.Client(other)._settings.api_key, "")
+        self.assertEqual(llm.Client("http://localhost:%d" % server.port)._settings.api_key, "")  # origins are compared as named
         self.env(LLM_BASE_URL=server.url, LLM_API_KEY="k-llm", OPENAI_BASE_URL=other, OPENAI_API_KEY="k-openai")
         self.assertEqual(sent(self.client(server, api_key=None)), "Bearer k-llm")
-        self.assertEqual(llm.Client(other)._api_key, "k-openai")
-        self.assertEqual(llm.Client("https://api.openai.com")._api_key, "")
+        self.assertEqual(llm.Client(other)._settings.api_key, "k-openai")
+        self.assertEqual(llm.Client("https://api.openai.com")._settings.api_key, "")
         self.env(LLM_API_KEY=KEY)  # no base URL: the default server's key
-        self.assertEqual(llm.Client()._api_key, KEY)
-        self.assertEqual(llm.Client("http://localhost:11434/v1")._api_key, KEY)
+        self.assertEqual(llm.Client()._settings.api_key, KEY)
+        self.assertEqual(llm.Client("http://localhost:11434/v1")._settings.api_key, KEY)
         self.assertIsNone(sent(self.client(server, api_key=None)))
         self.env(OLLAMA_HOST="127.0.0.1:%d" % server.port, LLM_API_KEY=KEY)
         self.assertEqual(sent(llm.Client(model="m")), "Bearer " + KEY)
@@ -2084,7 +2084,7 @@ class ConfigurationTest(LoopbackCase):
                     self.assertEqual(response.stop_reason, "error")
                     self.assertNotIn("SECRET", response.error)
                 self.assertNotIn("SECRET", repr(client) + client.base_url)
-                self.assertNotIn("SECRET", client._problem)
+                self.assertNotIn("SECRET", client._settings.problem)
         self.assertIn("must not contain a user name or password", llm.Client("http://user:pw@127.0.0.1:1").chat(HI).error)
         self.assertEqual(server.connections, 0)
 
@@ -3372,7 +3372,7 @@ class Lines:
 def traced(client, writer):
     """The lines traced so far, times and ports made plain: "+0.012s" is "+T"."""
     import re
-    client._tracer.flush(5)
+    client._settings.tracer.flush(5)
     return [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", re.sub(r"\+\d+\.\d{3}s", "+T", line))
             for line in writer.text.splitlines()]
 
@@ -3491,12 +3491,12 @@ class TraceTest(LoopbackCase):
 
     def test_no_trace_unless_asked(self):
         server = self.serve(answer(message("ok")))
-        self.assertIsNone(self.client(server)._tracer)
+        self.assertIsNone(self.client(server)._settings.tracer)
         with mock.patch.dict(os.environ, {"LLM_TRACE": "0"}):
-            self.assertIsNone(self.client(server)._tracer)
+            self.assertIsNone(self.client(server)._settings.tracer)
         with mock.patch.dict(os.environ, {"LLM_TRACE": "1"}):
-            self.assertIsNotNone(self.client(server)._tracer)
-            self.assertIsNone(self.client(server, trace=False)._tracer)
+            self.assertIsNotNone(self.client(server)._settings.tracer)
+            self.assertIsNone(self.client(server, trace=False)._settings.tracer)
         self.assertIn("trace must be a writer", self.client(server, trace=5).chat(HI).error)
 
     def test_llm_trace_names_a_file_that_the_trace_is_appended_to(self):

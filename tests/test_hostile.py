@@ -490,7 +490,7 @@ class HostileServerTest(HostileCase):
                 self.assertLess(elapsed, 2)
 
     def test_a_100_mb_body_is_refused_at_max_bytes_with_bounded_memory(self):
-        limit = llm.Client()._max_bytes
+        limit = llm.Client()._settings.max_bytes
         self.assertEqual(limit, 64 * MIB)
         json_head = head(content_type="application/json", chunked=False)
         prefix = b'{"choices": [{"message": {"content": "'
@@ -1200,8 +1200,8 @@ class EdgeTest(HostileCase):
     def test_a_url_missing_a_slash_is_refused_not_resolved(self):
         for url in ("http:/127.0.0.1:8080", "https:/localhost", "http:/localhost:11434/v1"):
             client = llm.Client(url)
-            self.assertTrue(client._problem, (url, getattr(client, "_host", None)))
-            self.assertIn("base_url", client._problem)
+            self.assertTrue(client._settings.problem, (url, getattr(client, "_host", None)))
+            self.assertIn("base_url", client._settings.problem)
 
     # found: urlsplit() drops tabs (and CR, LF) from a URL before it parses it, so
     # the check for a tab in the host never sees one: "http://a\tb:8080" goes to
@@ -1209,7 +1209,7 @@ class EdgeTest(HostileCase):
     def test_a_tab_in_the_host_is_refused_not_dropped(self):
         for url in ("http://a\tb:8080", "http://local\thost:11434", "http://127.0.0.1:80\t80/v1"):
             client = llm.Client(url)
-            self.assertTrue(client._problem, (url, getattr(client, "_host", None)))
+            self.assertTrue(client._settings.problem, (url, getattr(client, "_host", None)))
 
     # found: extra headers replaced the client's own only when spelled with the same
     # case: headers={"authorization": ...} with an api_key sent two Authorization
@@ -1648,11 +1648,11 @@ else:
 
     def assert_loopback_only(test, client):
         """Refuse to use a generated client that could reach beyond loopback."""
-        if client._problem:
+        if client._settings.problem:
             return
-        test.assertIn(client._host.lower(), SAFE_HOSTS, "a generated URL left loopback")
-        test.assertIsNone(client._proxy)
-        test.assertNotIn(client._port, (80, 443), "a generated URL has no port")
+        test.assertIn(client._settings.host.lower(), SAFE_HOSTS, "a generated URL left loopback")
+        test.assertIsNone(client._settings.proxy)
+        test.assertNotIn(client._settings.port, (80, 443), "a generated URL has no port")
 
     # ------------------------------------------------------------ a valid streamed reply
 
