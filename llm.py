@@ -42,8 +42,8 @@ from urllib.parse import quote as _quote, urlsplit as _urlsplit  # loaded by htt
 
 _TYPE_CHECKING = False  # typing costs import time; only the type checker reads these
 if _TYPE_CHECKING:
-    from typing import (Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Protocol, Set,
-                        Tuple, Union)
+    from typing import (Any, Dict, FrozenSet, Generator, Iterable, Iterator, List, Optional,
+                        Protocol, Set, Tuple, Union)
 
     class _Writer(Protocol):
         """Anything with ``write(str)``: a file, ``sys.stdout``, an SSEWriter..."""
@@ -297,7 +297,7 @@ class Stream:
     rest of the stream first; ``close()`` ends it early (``"cancelled"``).
     """
 
-    def __init__(self, call: "_Call", pieces: "Iterator[str]") -> None:
+    def __init__(self, call: "_Call", pieces: "Generator[str, None, None]") -> None:
         self._call, self._pieces = call, pieces
         self._reading = threading.RLock()  # a generator read by two threads at once raises
 
@@ -327,9 +327,11 @@ class Stream:
         with self._call.client._lock:
             self._call.guard.cancel()
         try:
-            self._pieces.close()  # type: ignore[attr-defined]
+            self._pieces.close()
         except ValueError:  # being read in another thread: the cancel ends it there
             pass
+        if not self._call.started:  # closed before it began: it never will
+            self._call.cancelled = True
 
     def __enter__(self) -> "Stream":
         return self
@@ -442,10 +444,7 @@ class Client:
         ``max_tokens``, ``tools``, ``response_format``, ...); a ``None`` value
         leaves that key out.
         """
-        call = _Call(self, stream=False)
-        for _ in call.run(call.chat(messages, params)):
-            pass
-        return call.response()
+        return _Call(self, stream=False).answer(messages, params)
 
     def chat_stream(self, messages: "List[Any]", out: "_Writer", **params: "Any") -> Response:
         """Stream the reply: each text delta goes to ``out.write`` as it arrives.
@@ -470,7 +469,7 @@ class Client:
             return refused
         call = _Call(self, stream=True)
         call.on_reasoning = on_reasoning
-        pieces = call.run(call.chat(messages, params))
+        pieces = call.pieces(messages, params)
         try:
             for piece in pieces:
                 write(piece)
@@ -478,7 +477,7 @@ class Client:
                     flush()
         except Exception as exc:  # the writer failed; the generator itself never raises
             call.error, call.kind = "writing the reply failed: " + _describe(exc), "output"
-            pieces.close()  # type: ignore[attr-defined]
+            pieces.close()
         response = call.response()
         if isinstance(out, SSEWriter):
             try:
@@ -493,7 +492,7 @@ class Client:
     def stream(self, messages: "List[Any]", **params: "Any") -> Stream:
         """Return the reply as a :class:`Stream`: an iterator of text pieces."""
         call = _Call(self, stream=True)
-        return Stream(call, call.run(call.chat(messages, params)))
+        return Stream(call, call.pieces(messages, params))
 
     def models(self) -> "_Models":
         """The ids of the models the server offers (``GET .../models``).
@@ -502,11 +501,9 @@ class Client:
         (``status`` is the HTTP status, as on a :class:`Response`).
         """
         call = _Call(self, stream=False)
-        found = _Models()
-        for _ in call.run(call.models(found)):
-            pass
-        found.error, found.status = call.response().error or (
-            "cancelled" if call.guard.cancelled else ""), call.exchange.status
+        found = _Models(call.listing())
+        found.error = "cancelled" if call.cancelled else call.response().error
+        found.status = call.exchange.status
         return found
 
     def cancel(self) -> None:
@@ -977,6 +974,7 @@ def _checked_messages(messages: "Any", system: str) -> "List[Any]":
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # json.dumps makes one a call
 _raw_decode = json.JSONDecoder().raw_decode
+_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]  # a JSON string, in C
 
 
 def _encode(body: "Dict[str, Any]") -> bytes:
@@ -1007,7 +1005,7 @@ class _Failure(Exception):
 
 
 class _Cancelled(_Failure):
-    """The call was cancelled, or its deadline passed (run() tells which)."""
+    """The call was cancelled, or its deadline passed: raised by the guard's check only."""
 
     def __init__(self) -> None:
         _Failure.__init__(self, "cancelled", "")
@@ -1016,98 +1014,167 @@ class _Cancelled(_Failure):
 class _Call:
     """One call: its exchange with the server, fed to an assembler, and its result.
 
-    ``run()`` yields the text deltas as they are parsed and never raises:
-    whatever goes wrong ends up in ``error``, next to what had arrived. The
-    HTTP is the :class:`_Exchange`'s, the deadline and cancel the
-    :class:`_Guard`'s, and what the reply means the :class:`_Assembler`'s.
+    Nothing escapes it: ``answer()`` returns a whole reply's :class:`Response`,
+    ``pieces()`` yields a stream's text as it comes, and ``listing()`` the
+    models; whatever goes wrong ends up in ``error`` and ``kind``, next to what
+    had arrived, decided once at the one boundary they share. The HTTP is the
+    :class:`_Exchange`'s, the deadline and cancel the :class:`_Guard`'s, and what
+    the reply means the :class:`_Assembler`'s.
     """
 
     # where each call starts (set on the instance as the call goes)
     body = None  # type: Optional[Dict[str, Any]]  # the request, as sent
     on_reasoning = None  # type: Any  # out.write_reasoning, when out has it
-    shown = 0  # reasoning pieces given to on_reasoning
+    given = 0  # reasoning pieces given to on_reasoning
     error = kind = ""  # how the call failed: Response.error and error_kind
     overflow = None  # type: Optional[Dict[str, int]]
+    cancelled = False  # a cancel ended it (a passed deadline is an error)
     started = seconds = 0.0
     first_token = None  # type: Optional[float]
 
     def __init__(self, client: Client, stream: bool) -> None:
         self.client = client
-        self.guard = _Guard(client)
-        self.exchange = _Exchange(client, stream, self.guard)
-        self.assembler = _Assembler(client._settings.max_bytes, client._settings.think_tags)
+        self.settings = settings = client._settings
+        self.guard = guard = _Guard(client)
+        self.exchange = _Exchange(client, stream, guard)
+        self.assembler = _Assembler(settings.max_bytes, settings.think_tags)
 
-    def run(self, work: "Iterator[str]") -> "Iterator[str]":
-        """Run ``work`` (a generator of this call's): its pieces, then the result."""
-        guard = self.guard
-        self.started = time.monotonic()
+    def answer(self, messages: "Any", params: "Dict[str, Any]") -> Response:
+        """A whole reply (``chat()``)."""
         try:
-            if self.client._settings.problem:
-                raise _Failure(self.client._settings.problem, "bad_request")
-            guard.start()
-            for piece in work:
-                yield piece
-        except _Failure as failure:
-            if guard.expired:
-                self.error, self.kind = "deadline of %gs exceeded" % self.client._settings.deadline, "timeout"
+            self._begin()
+            answer, first, events = self._send(messages, params)
+            if events:  # a server that streams what was asked whole
+                for _ in self._read_events(answer, first):
+                    pass
             else:
-                self.error, self.kind, self.overflow = str(failure), failure.kind, failure.overflow
-        except Exception as exc:  # the one boundary: a surprise becomes an error response
-            self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
-        except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
-            self.exchange.broken = True  # a half-read reply: the connection cannot be reused
+                self._take_whole(answer, first)
+        except Exception as exc:
+            self._fail(exc)
+        except BaseException:  # KeyboardInterrupt: a half-read reply, its connection unusable
+            self.exchange.abandon()
             raise
         finally:
-            self.seconds = time.monotonic() - self.started
-            guard.stop()
-            self.exchange.release()
+            self._end()
+        return self.response()
 
-    def chat(self, messages: "Any", params: "Dict[str, Any]") -> "Iterator[str]":
-        """The chat exchange: send the messages, yield the reply's text as it comes."""
+    def pieces(self, messages: "Any", params: "Dict[str, Any]") -> "Generator[str, None, None]":
+        """A streamed reply: its text as it comes (``chat_stream()`` and ``stream()``)."""
+        try:
+            self._begin()
+            answer, first, events = self._send(messages, params)
+            if events:
+                for piece in self._read_events(answer, first):
+                    yield piece
+            else:  # a server that answers a stream with a whole reply
+                text = self._take_whole(answer, first)
+                if text:
+                    yield text
+        except Exception as exc:
+            self._fail(exc)
+        except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
+            self.exchange.abandon()
+            self.cancelled = self.guard.cancelled  # Stream.close() cancels, then closes us
+            raise
+        finally:
+            self._end()
+
+    def listing(self) -> "List[str]":
+        """``GET .../models``: the model ids (none when the call failed)."""
+        try:
+            self._begin()
+            return _model_ids(self._read_json(self.exchange.request(None), b""))
+        except Exception as exc:
+            self._fail(exc)
+        except BaseException:
+            self.exchange.abandon()
+            raise
+        finally:
+            self._end()
+        return []
+
+    def _begin(self) -> None:
+        self.started = time.monotonic()
+        if self.settings.problem:
+            raise _Failure(self.settings.problem, "bad_request")
+        self.guard.start()
+
+    def _fail(self, exc: Exception) -> None:
+        """Decide, once, how the call ended: cancelled, past its deadline, or failed.
+
+        Whatever failed after a cancel or the deadline (a socket they shut down) is theirs.
+        """
+        guard = self.guard
+        if guard.expired:
+            self.error, self.kind = "deadline of %gs exceeded" % self.settings.deadline, "timeout"
+        elif guard.cancelled:
+            self.cancelled = True
+        elif isinstance(exc, _Failure):
+            self.error, self.kind, self.overflow = str(exc), exc.kind, exc.overflow
+        else:  # the one boundary: a surprise becomes an error response
+            self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
+
+    def _end(self) -> None:
+        self.seconds = time.monotonic() - self.started
+        self.guard.stop()
+        self.exchange.release()
+
+    def _send(self, messages: "Any", params: "Dict[str, Any]") -> "Tuple[Any, bytes, bool]":
+        """Send the messages: the answer, its first bytes read, and whether it is a stream."""
         exchange, client = self.exchange, self.client
         body = self.body = client._body(messages, params, exchange.stream)
         for refused in client._refused:  # this server's known refusals, adjusted in advance
             exchange.adjust(body, refused)
         answer = exchange.request(body)
         kind, first = exchange.kind(answer)
-        if kind == "json":
-            text = self.assembler.whole(self._read_json(answer, first))
-            if self.assembler.began:
-                self.first_token = time.monotonic() - self.started
-            if self.on_reasoning is not None:
-                self._show_reasoning()
-            if text:
-                yield text
-        else:
-            for piece in self._read_events(answer, first):
-                yield piece
+        return answer, first, kind == "events"
 
-    def models(self, found: "List[str]") -> "Iterator[str]":
-        """``GET .../models``: put the model ids in ``found``."""
-        found.extend(_model_ids(self._read_json(self.exchange.request(None), b"")))
-        yield from ()  # a generator, so that it runs inside run()'s boundary
+    def _take_whole(self, answer: "http.client.HTTPResponse", first: bytes) -> "Optional[str]":
+        """Read a whole reply and give it to the assembler: its text."""
+        text = self.assembler.whole(self._read_json(answer, first))
+        self._progress()
+        return text
+
+    def _progress(self) -> None:
+        """After each event, or a whole reply: note the first token, give on the reasoning."""
+        assembler = self.assembler
+        if self.first_token is None and assembler.began:
+            self.first_token = time.monotonic() - self.started
+        if self.on_reasoning is not None and len(assembler.reasoning) > self.given:
+            for thought in assembler.reasoning[self.given:]:
+                self.given += 1
+                try:
+                    self.on_reasoning(thought)
+                except Exception as exc:
+                    raise _Failure("writing the reasoning failed: " + _describe(exc), "output")
 
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
-        exchange, assembler, on_reasoning = self.exchange, self.assembler, self.on_reasoning
-        guard, reasoning = self.guard, assembler.reasoning
-        max_bytes = budget = self.client._settings.max_bytes
-        decoder = _SSEDecoder(max_bytes)
-        event = assembler.event
-        waiting = True  # for the first token
-        data = data or exchange.read(answer)
+        """A stream's events, read by read; the text of each, as it comes.
+
+        Most events are a chunk of one content delta in a read of its own, each in
+        the same envelope but for its text: once the general path has taken one
+        such event, and the envelope is known to hold nothing else (see
+        ``_Envelope``), the next ones are taken at once, with the same outcome.
+        """
+        exchange, assembler, guard = self.exchange, self.assembler, self.guard
+        decoder = _SSEDecoder(self.settings.max_bytes)
+        event, read, content = assembler.event, exchange.read, assembler.content
+        envelope = None  # type: Optional[_Envelope]
+        data = data or read(answer)
         while True:
-            budget -= len(data)
-            if budget < 0:
-                exchange.too_large()
-            for kind, payload in decoder.feed(data) if data else decoder.close():
-                # one read may hold many events: a cancel or the deadline between two ends the call
-                if guard.cancelled or guard.expired:
-                    raise _Cancelled()
+            if envelope is not None and data:  # the usual event: its text at once
+                text = envelope.text(data)
+                if text is not None:
+                    content.append(text)
+                    yield text
+                    data = read(answer)
+                    continue
+            events = decoder.feed(data) if data else decoder.close()
+            for kind, payload in events:
+                if guard.halted:  # one read may hold many events: a cancel ends the call here
+                    guard.check()
                 text = event(kind, payload)
-                if waiting and assembler.began:
-                    waiting, self.first_token = False, time.monotonic() - self.started
-                if on_reasoning is not None and len(reasoning) > self.shown:
-                    self._show_reasoning()
+                self._progress()
                 if text:
                     yield text
             if assembler.done:
@@ -1115,11 +1182,12 @@ class _Call:
                 exchange.drain(answer)
                 break
             if not data:
-                if guard.cancelled:  # the deadline's own end is told apart by run()
-                    raise _Cancelled()
-                assembler.ended(budget < max_bytes)
+                guard.check()  # the end may be a cancel's: its shut-down socket
+                assembler.ended(exchange.received > 0)
                 break
-            data = exchange.read(answer)
+            if envelope is None and len(events) == 1 and text:
+                envelope = _Envelope.of(data, text, events[0])
+            data = read(answer)
         if assembler.held:  # content held back while it might have opened a <think> block
             rest = assembler.flush()
             if rest:
@@ -1128,7 +1196,7 @@ class _Call:
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
         text = self.exchange.read_all(answer, first).decode("utf-8", "replace")  # the bytes go now
         try:
-            reply = _json(text, self.client._settings.max_bytes)
+            reply = _json(text, self.settings.max_bytes)
         except _Costly as exc:
             raise _Failure(str(exc), "too_large")
         except (ValueError, RecursionError):
@@ -1139,21 +1207,10 @@ class _Call:
         self.guard.check()  # parsing took long: honour a cancel or the deadline before going on
         return reply
 
-    def _show_reasoning(self) -> None:
-        """Give the reasoning that came since the last time to ``on_reasoning``."""
-        pieces = self.assembler.reasoning
-        while self.shown < len(pieces):
-            self.shown += 1
-            try:
-                self.on_reasoning(pieces[self.shown - 1])
-            except Exception as exc:
-                raise _Failure("writing the reasoning failed: " + _describe(exc), "output")
-
     def response(self) -> Response:
         """The call's :class:`Response`, from what has arrived so far."""
         exchange, assembler = self.exchange, self.assembler
-        cancelled = self.guard.cancelled and bool(self.error or not assembler.done)
-        response = assembler.response(self.error, cancelled, self.client._settings.secrets, self.kind)
+        response = assembler.response(self.error, self.cancelled, self.settings.secrets, self.kind)
         response.overflow = self.overflow if response.error_kind == "context_overflow" else None
         response.status = exchange.status
         if exchange.headers is not None:
@@ -1167,6 +1224,80 @@ class _Call:
         return response
 
 
+def _content_only(chunk: "Any", text: str) -> bool:
+    """Whether the assembler took nothing from a chunk but one delta's text (``_apply``)."""
+    if (not isinstance(chunk, dict) or chunk.get("error") is not None or chunk.get("usage")
+            or chunk.get("object") == "error" or "x_groq" in chunk or "timings" in chunk):
+        return False
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return False
+    choice = choices[0]
+    delta = choice.get("delta")
+    return (isinstance(delta, dict) and delta.get("content") == text and _ASIDES.isdisjoint(delta)
+            and not (choice.get("finish_reason") or choice.get("usage") or choice.get("logprobs")))
+
+
+class _Envelope:
+    """The bytes around the text of one content-only event, to take the next ones at once.
+
+    A read that is ``envelope.prefix``, a JSON string, then ``envelope.suffix``
+    is an event that says what the one the envelope was learned from said, with
+    that string for its text: JSON strings are single tokens, and the learning
+    checked, by parsing a probe, that the string sits where the text of the
+    delta does. That event, taken by the general path, added its text to the
+    content and did nothing else (no id or model to learn, no usage, no finish,
+    no reasoning or tool call, no log-probabilities); so does the next. Only
+    events of at most ``_SHALLOW_SIZE`` bytes, which the JSON checks pass by.
+    """
+
+    __slots__ = ("prefix", "suffix", "at", "end")
+
+    def __init__(self, prefix: str, suffix: str) -> None:
+        self.prefix, self.suffix = prefix, suffix
+        self.at, self.end = len(prefix), -len(suffix)
+
+    def text(self, data: bytes) -> "Optional[str]":
+        """The text of an event in this envelope; None for any other read."""
+        if len(data) > _SHALLOW_SIZE:
+            return None
+        try:
+            raw = data.decode("utf-8")
+            if raw.startswith(self.prefix) and raw.endswith(self.suffix):
+                text, end = _scanstring(raw, self.at)
+                if end - 1 == len(raw) + self.end and text:
+                    return text  # type: ignore[no-any-return]
+        except ValueError:  # not UTF-8, or no JSON string there
+            pass
+        return None
+
+    @staticmethod
+    def of(data: bytes, text: str, taken: "Tuple[str, Any]") -> "Optional[_Envelope]":
+        """The envelope of ``data``, a read that was one event with a delta of ``text`` alone."""
+        kind, chunk = taken
+        if (kind != "message" or len(data) > _SHALLOW_SIZE or data[:6] != b"data: "
+                or data.count(b"\n") != 2 or data[-2:] != b"\n\n" or b"\r" in data
+                or not _content_only(chunk, text)):
+            return None
+        raw = data.decode("utf-8", "replace")
+        probe = "y" if text == "x" else "x"
+        quote = raw.find('"')
+        while quote >= 0:  # each JSON string in turn: the one that is the delta's text?
+            try:
+                said, end = _scanstring(raw, quote + 1)
+                if said == text:  # a probe in its place must be the delta's text, all else equal
+                    echoed = _json(raw[6:quote + 1] + probe + raw[end - 1:-2])
+                    delta = echoed["choices"][0]["delta"]
+                    if delta["content"] == probe:
+                        delta["content"] = text
+                        if echoed == chunk:
+                            return _Envelope(raw[:quote + 1], raw[end - 1:])
+            except (ValueError, RecursionError, LookupError, TypeError):
+                return None
+            quote = raw.find('"', end)
+        return None
+
+
 class _Guard:
     """A call's deadline and cancel: they wake the call wherever it waits.
 
@@ -1177,16 +1308,18 @@ class _Guard:
     opened it: after a ``fork()`` the parent's are not the child's to touch.
     """
 
+    # where each guard starts
+    cancelled = expired = False  # cancel() came; the deadline passed
+    halted = False  # either of them: the call ends at its next check
+    stopped = False  # the call is over: its outcome stands, whatever cancel() comes
+    sock = None  # type: Any
+    wake = None  # type: Optional[threading.Event]
+    deadline_at = 0.0
+    timer = None  # type: Optional[threading.Timer]
+
     def __init__(self, client: Client) -> None:
         self.client = client
         self.pid = os.getpid()
-        self.cancelled = False
-        self.stopped = False  # the call is over: its outcome stands, whatever cancel() comes
-        self.expired = False  # the deadline passed
-        self.sock = None  # type: Any
-        self.wake = None  # type: Optional[threading.Event]
-        self.deadline_at = 0.0
-        self.timer = None  # type: Optional[threading.Timer]
 
     def start(self) -> None:
         """Be one of the client's calls in flight, and start the deadline's timer."""
@@ -1216,14 +1349,14 @@ class _Guard:
         (whole, or failed) changes nothing.
         """
         if not self.stopped:
-            self.cancelled = True
+            self.cancelled = self.halted = True
             self._wake_up()
 
     def _expire(self) -> None:
         """The deadline passed: end the call as cancel() would (from the timer's thread)."""
         with self.client._lock:
             if self in self.client._active:
-                self.expired = True
+                self.expired = self.halted = True
                 self._wake_up()
 
     def _wake_up(self) -> None:
@@ -1236,8 +1369,9 @@ class _Guard:
                 pass
 
     def check(self) -> None:
-        """End the call here when it was cancelled or its deadline passed."""
-        if self.cancelled or self.expired:
+        """End the call here when it was cancelled or its deadline passed (the one place
+        that says so: the call's boundary tells which)."""
+        if self.halted:
             raise _Cancelled()
 
     def attach(self, sock: "Any") -> None:
@@ -1259,8 +1393,8 @@ class _Guard:
                            kind or "timeout")
         if self.wake is None:
             self.wake = threading.Event()
-        if self.cancelled or self.wake.wait(delay):
-            raise _Cancelled()
+        self.wake.wait(delay)
+        self.check()
 
     def connect(self, connection: "http.client.HTTPConnection") -> None:
         """``connection.connect()``, its socket and TLS handshake shown to cancel() meanwhile."""
@@ -1311,8 +1445,8 @@ class _Exchange:
     # where each exchange starts (set on the instance as it goes)
     connection = None  # type: Optional[http.client.HTTPConnection]
     answer = None  # type: Optional[_FinalResponse]
-    broken = False  # the connection cannot be reused
-    status = sent = 0  # the answer's status; the request's size in bytes
+    broken = False  # the answer was left unread, though it may look whole: no reuse
+    status = sent = received = 0  # the answer's status; the bytes of the request, and received
     headers = None  # type: Optional[http.client.HTTPMessage]
     resent = frozenset()  # type: FrozenSet[str]  # the refusals this call answered with a resend
     notes = ()  # type: Tuple[str, ...]  # what the client changed in the request: warnings
@@ -1332,8 +1466,8 @@ class _Exchange:
             self.notes += (note,)
 
     def request(self, body: "Optional[Dict[str, Any]]") -> "http.client.HTTPResponse":
-        """POST body (GET the models when None) until a 2xx answer, retrying as configured."""
-        client = self.client
+        """POST body (GET the models when None) until a 2xx answer, as ``_policy`` says."""
+        client, retries = self.client, self.client._settings.retries
         attempt = 0
         data = None if body is None else _encode(body)
         while True:
@@ -1341,31 +1475,43 @@ class _Exchange:
             try:
                 answer = self._send(data)
             except _Failure as failure:
-                if not failure.retryable or attempt >= client._settings.retries or self.guard.cancelled:
+                if not failure.retryable or self.guard.halted:
                     raise
-                self._note("retry %d of %d after: %s" % (attempt + 1, client._settings.retries, failure))
-                self._pause(attempt, None, str(failure), failure.kind)
+                step, detail = _policy(None, 0, "", None, attempt, retries, self.resent)
+                if step != "retry":
+                    raise
+                self._retry(attempt, detail, str(failure), failure.kind)
                 attempt += 1
                 continue
             self.status, self.headers = answer.status, answer.msg
             if 200 <= answer.status < 300:
                 return answer
             message, raw = self._error_of(answer, data is not None)
-            refused = _refusal(body, answer.status, raw) if body else None
-            if refused is not None and refused not in self.resent:  # a known refusal: once
-                self._note("the server refused %s: the request goes again, changed" % refused)
-                self.resent |= {refused}
-                client._refused.add(refused)  # remembered: later calls adjust before sending
-                self.adjust(body, refused)  # type: ignore[arg-type]
+            step, detail = _policy(body, answer.status, raw, answer.getheader("Retry-After"),
+                                   attempt, retries, self.resent)
+            if step == "resend":  # a known refusal: the request goes again, changed, once
+                self._note("the server refused %s: the request goes again, changed" % detail)
+                self.resent |= {detail}
+                client._refused.add(detail)  # remembered: later calls adjust before sending
+                self.adjust(body, detail)  # type: ignore[arg-type]
                 data = _encode(body)  # type: ignore[arg-type]
                 continue
             kind, overflow = _error_kind(answer.status, raw)
-            if answer.status in _RETRY_STATUSES and attempt < client._settings.retries:
-                self._note("retry %d of %d after: %s" % (attempt + 1, client._settings.retries, message))
-                self._pause(attempt, _retry_after(answer.getheader("Retry-After")), message, kind)
+            if step == "retry":
+                self._retry(attempt, detail, message, kind)
                 attempt += 1
                 continue
-            raise _Failure(message, kind, overflow=overflow)
+            raise _Failure(message + detail, kind, overflow=overflow)
+
+    def _retry(self, attempt: int, delay: "Optional[float]", why: str, kind: str) -> None:
+        """Wait before a retry: ``delay``, or the backoff (exponential, with jitter) when None."""
+        if delay is None:
+            import random
+
+            step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** attempt)
+            delay = step / 2 + random.uniform(0, step / 2)
+        self._note("retry %d of %d after: %s" % (attempt + 1, self.client._settings.retries, why))
+        self.guard.sleep(delay, why, kind)
 
     def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
         """Send the request; a kept-alive connection that the server closed is retried once."""
@@ -1387,8 +1533,7 @@ class _Exchange:
                 return answer
             except (ConnectionError, http.client.BadStatusLine) as exc:
                 connection.close()
-                if self.guard.cancelled:
-                    raise _Cancelled()
+                self.guard.check()  # a cancel shut the socket down
                 if reused and _unread(exc, time.monotonic() - sent_at, connection):
                     reused = False  # the server closed it as it went idle: one fresh try
                     self._note("the server closed the kept-alive connection without reading the"
@@ -1431,21 +1576,7 @@ class _Exchange:
         sock = connection.sock
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(client._settings.read_timeout)
-        if guard.cancelled:
-            raise _Cancelled()
-
-    def _pause(self, attempt: int, retry_after: "Optional[float]", why: str, kind: str) -> None:
-        """Sleep before a retry: exponential backoff with jitter, or Retry-After."""
-        import random
-
-        if retry_after is None:
-            step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** attempt)
-            delay = step / 2 + random.uniform(0, step / 2)
-        elif retry_after > _RETRY_AFTER_CAP:
-            raise _Failure("%s (the server asks to retry after %gs)" % (why, retry_after), kind)
-        else:
-            delay = retry_after
-        self.guard.sleep(delay, why, kind)
+        guard.check()
 
     def _error_of(self, answer: "http.client.HTTPResponse", posted: bool) -> "Tuple[str, str]":
         """Read an error answer: its one-line message and its raw text (lowercased)."""
@@ -1472,54 +1603,48 @@ class _Exchange:
             return "json", first
         if start and not any(field.startswith(start) or start.startswith(field)
                              for field in _SSE_STARTS):  # HTML, plain text: no reply at all
-            self.broken = True
             raise _Failure("the server answered with %s, not %s: %s" % (
                 kind or "no content type", "an event stream" if self.stream else "JSON",
                 _clip(first)), "invalid_reply")
         return "events", first
 
     def read(self, answer: "http.client.HTTPResponse", whole: bool = False) -> bytes:
-        """Read what is there (at most one buffer), as soon as anything is.
+        """Read what is there (at most one buffer), as soon as anything is; count it.
 
         A cancel or the deadline ends the call here too, so that data that keeps
-        coming (or is already buffered) cannot keep it busy past either.
+        coming (or is already buffered) cannot keep it busy past either; and no
+        body is read past ``max_bytes``, whatever its framing: the one place that
+        counts.
         """
-        guard = self.guard
-        if guard.cancelled or guard.expired:
-            self.broken = True
-            raise _Cancelled()
+        if self.guard.halted:
+            self.guard.check()
         try:
-            return answer.read() if whole else answer.read1(_READ_SIZE)
+            data = answer.read() if whole else answer.read1(_READ_SIZE)
         except http.client.IncompleteRead:
-            self.broken = True
             raise _Failure("connection closed in the middle of a chunk: the response was cut short",
                            "network")
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            self.broken = True
             raise _Failure(_network_error(exc, self.client), _network_kind(exc))
+        self.received += len(data)
+        if self.received > self.client._settings.max_bytes:
+            raise _Failure("response larger than max_bytes (%d bytes)"
+                           % self.client._settings.max_bytes, "too_large")
+        return data
 
     def read_all(self, answer: "http.client.HTTPResponse", first: bytes) -> bytes:
-        """The whole body, ``first`` (bytes already read) included, within max_bytes."""
-        limit = self.client._settings.max_bytes - len(first)
-        if answer.length is not None:
-            if answer.length > limit:
-                self.too_large()
+        """The whole body, ``first`` (bytes already read) included."""
+        if answer.length is not None:  # known: refuse it unread when too long
+            if self.received + answer.length > self.client._settings.max_bytes:
+                raise _Failure("response larger than max_bytes (%d bytes)"
+                               % self.client._settings.max_bytes, "too_large")
             rest = self.read(answer, whole=True)  # read() closes the answer: reusable
             return first + rest if first else rest
         parts = [first]
-        while True:
-            data = self.read(answer)
-            if not data:
-                return b"".join(parts)
+        data = self.read(answer)
+        while data:
             parts.append(data)
-            limit -= len(data)
-            if limit < 0:
-                self.too_large()
-
-    def too_large(self) -> None:
-        self.broken = True
-        raise _Failure("response larger than max_bytes (%d bytes)" % self.client._settings.max_bytes,
-                       "too_large")
+            data = self.read(answer)
+        return b"".join(parts)
 
     def drain(self, answer: "http.client.HTTPResponse") -> None:
         """After [DONE], read the end of the body (for a second at most) for the connection's reuse."""
@@ -1536,18 +1661,26 @@ class _Exchange:
                     return
         except (OSError, http.client.HTTPException, ValueError):
             pass
+
+    def abandon(self) -> None:
+        """The call stops reading for good (an interrupt): what is left makes the connection
+        unusable, even an answer that looks whole to http.client."""
         self.broken = True
 
     def release(self) -> None:
-        """Give the connection back for reuse when its answer was read whole, else close it."""
+        """Give the connection back for reuse when its answer was read whole, else close it.
+
+        Whole: read to its end, trailers and all, with no cancel or deadline since
+        (a read they cut leaves the answer open).
+        """
         connection, self.connection = self.connection, None
         if connection is not None:
             answer, guard = self.answer, self.guard
             if answer is not None and answer.length == 0:  # read to the end of its Content-Length,
                 answer.close()  # which http.client leaves open on some Pythons
             finished = answer is None or answer.isclosed() and not answer.unfinished
-            _checkin(self.client, connection, finished and not (
-                self.broken or guard.cancelled or guard.expired), guard.pid)
+            _checkin(self.client, connection, finished and not (self.broken or guard.halted),
+                     guard.pid)
 
 
 class _Handshake:
@@ -2774,6 +2907,28 @@ def _named_fields(raw: str) -> "Set[str]":
             if words in text:
                 names.update(re.findall(pattern, text))
     return names
+
+
+def _policy(body: "Optional[Dict[str, Any]]", status: int, raw: str, retry_after: "Optional[str]",
+            attempt: int, retries: int, resent: "FrozenSet[str]") -> "Tuple[str, Any]":
+    """What a call does after an error answer (``status`` 0: a failure before any answer).
+
+    ``("resend", refusal)``: the request goes again at once, changed for a known
+    refusal (``_refusal``), once each; ``("retry", delay)``: it goes again after
+    ``delay`` seconds (None: the backoff), for a retryable status or failure, as
+    ``retries`` allow; ``("fail", more)``: the call fails, its message with
+    ``more`` added. ``raw`` is the error body's text (lower case), ``retry_after``
+    its Retry-After header.
+    """
+    refused = _refusal(body, status, raw) if body else None
+    if refused is not None and refused not in resent:
+        return "resend", refused
+    if status and status not in _RETRY_STATUSES or attempt >= retries:
+        return "fail", ""
+    delay = _retry_after(retry_after)
+    if delay is not None and delay > _RETRY_AFTER_CAP:
+        return "fail", " (the server asks to retry after %gs)" % delay
+    return "retry", delay
 
 
 def _refusal(body: "Dict[str, Any]", status: int, raw: str) -> "Optional[str]":
