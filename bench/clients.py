@@ -467,6 +467,16 @@ def _bytecodes(adapter, command):
             counts[os.path.basename(frame.f_code.co_filename)] += 1
         return tracer
 
+    def nothing():
+        return None
+
+    # CPython 3.12.1 sends no opcode events in the first session of sys.settrace: one that
+    # counts nothing comes first
+    sys.settrace(tracer)
+    try:
+        nothing()
+    finally:
+        sys.settrace(None)
     calls, events = command["calls"], command["events"]
     work = {"nonstream": (calls, calls, lambda: adapter.chat("json", MESSAGES)),
             "stream": (events, 1, lambda: adapter.stream("sse-%d" % events, MESSAGES, Sink()))}
@@ -480,6 +490,8 @@ def _bytecodes(adapter, command):
                 operation()
         finally:
             sys.settrace(None)
+        if not counts:
+            raise RuntimeError("%s: the trace saw no instructions" % measure)
         answer[measure] = {name: count / float(per) for name, count in counts.items()}
     return answer
 
