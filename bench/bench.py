@@ -683,21 +683,43 @@ def _profile(measure, columns, settings):
     print(column.ask("profile", measure=measure, **command[measure])["report"])
 
 
-def _bytecodes(columns):
-    """Print each client's bytecode count per call and per event, and the files that run most."""
+# the bytecode counts: (key, the worker's measure, words for the tables)
+BYTECODE_COUNTS = (
+    ("per_call", "nonstream", "per non-stream call"),
+    ("per_event_chunked", "stream", "per streamed event, chunked"),
+    ("per_event_length", "stream_length", "per streamed event, Content-Length"),
+)
+BYTECODE_WORK = {"calls": 20, "events": 1000}  # calls traced; events in each traced stream
+
+
+def _bytecodes(columns, work):
+    """Print each client's bytecode count per call and per event, and the files that run most.
+
+    Returns {label: {measure: {file: instructions}}}.
+    """
     print("## Python bytecode instructions run (traced; Python %s)\n" % sys.version.split()[0])
-    print("| client | per non-stream call | the most, by file | per streamed event "
-          "| the most, by file |\n|---|---:|---|---:|---|")
+    print("| client | " + " | ".join("%s | the most, by file" % words
+                                     for _, _, words in BYTECODE_COUNTS) + " |")
+    print("|---" + "|---:|---" * len(BYTECODE_COUNTS) + "|")
+    counted = {}
     for column in columns:
         if column.kind == "wire":
             continue
-        counts = column.ask("bytecodes", calls=20, events=1000)
+        counts = counted[column.label] = column.ask("bytecodes", **work)
         cells = []
-        for measure in ("nonstream", "stream"):
+        for _, measure, _ in BYTECODE_COUNTS:
             files = sorted(counts[measure].items(), key=lambda item: -item[1])
-            cells.append("%.0f | %s" % (sum(counts[measure].values()), ", ".join(
-                "%s %.0f" % item for item in files[:3])))
+            cells.append("%s | %s" % (_count(sum(counts[measure].values())), ", ".join(
+                "%s %s" % (name, _count(value)) for name, value in files[:3])))
         print("| %s | %s |" % (column.label, " | ".join(cells)))
+    print("\nA streamed event is one of %d in one reply, the call's own work shared out among "
+          "them; a non-stream call, the mean of %d. `client.py` is http.client's, "
+          "`clients.py` the benchmark's adapter." % (work["events"], work["calls"]))
+    return counted
+
+
+def _count(value):
+    return "%.0f" % value if value >= 1000 or value == int(value) else "%.1f" % value
 
 
 def _measure(arguments, settings, measures, llm_files, copies, server, columns, skipped):
@@ -769,7 +791,7 @@ def main(argv=None):
             arguments.no_peers = True
         if arguments.bytecodes:
             columns = _columns(arguments, server.base, skipped, measured)
-            _bytecodes(columns)
+            _bytecodes(columns, BYTECODE_WORK)
             return 0
         columns = _columns(arguments, server.base, skipped, measured)
         if arguments.profile:
