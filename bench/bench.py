@@ -622,6 +622,15 @@ def _arguments(argv):
     parser.add_argument("--bytecodes", action="store_true",
                         help="instead of benchmarking, count the Python bytecode each client "
                              "runs per non-stream call and per streamed event: no noise")
+    parser.add_argument("--check", action="store_true",
+                        help="with --bytecodes: compare llm.py's counts with the budget in "
+                             "bench/budget.json; exit 1 when one is over (CPython 3.11 only; "
+                             "elsewhere it says so and exits 0)")
+    parser.add_argument("--budget", default=os.path.join(HERE, "budget.json"),
+                        help="the budget file (default: bench/budget.json)")
+    parser.add_argument("--write-budget", type=float, metavar="PERCENT",
+                        help="with --bytecodes: set the budget file to llm.py's counts plus "
+                             "PERCENT, on the budget's CPython")
     parser.add_argument("--profile", metavar="MEASURE",
                         help="instead of benchmarking, print a cProfile of the llm.py worker "
                              "running MEASURE (nonstream, stream, tick, threads)")
@@ -683,7 +692,7 @@ def _profile(measure, columns, settings):
     print(column.ask("profile", measure=measure, **command[measure])["report"])
 
 
-# the bytecode counts: (key, the worker's measure, words for the tables)
+# the bytecode counts: (key in budget.json, the worker's measure, words for the tables)
 BYTECODE_COUNTS = (
     ("per_call", "nonstream", "per non-stream call"),
     ("per_event_chunked", "stream", "per streamed event, chunked"),
@@ -720,6 +729,102 @@ def _bytecodes(columns, work):
 
 def _count(value):
     return "%.0f" % value if value >= 1000 or value == int(value) else "%.1f" % value
+
+
+def _read_budget(path):
+    with open(path) as f:
+        budget = json.load(f)
+    for key in ("python", "calls", "events"):
+        if key not in budget:
+            raise SystemExit("%s: no %r" % (path, key))
+    for key, _, _ in BYTECODE_COUNTS:
+        if not all(isinstance(budget.get(key, {}).get(share), (int, float))
+                   for share in ("all", "llm.py")):
+            raise SystemExit("%s: %s wants {\"all\": N, \"llm.py\": N}" % (path, key))
+    return budget
+
+
+def _budget_applies(budget):
+    """Why the budget does not apply to this interpreter, or None when it does."""
+    if (platform.python_implementation() != "CPython"
+            or "%d.%d" % sys.version_info[:2] != budget["python"]):
+        return ("the bytecode budget is for CPython %s; this is %s %s, whose compiler and "
+                "standard library run other counts" % (
+                    budget["python"], platform.python_implementation(),
+                    sys.version.split()[0]))
+    return None
+
+
+def _figures(counts):
+    """{(key, share): instructions} of one llm.py column's counts."""
+    figures = {}
+    for key, measure, _ in BYTECODE_COUNTS:
+        figures[key, "all"] = sum(counts[measure].values())
+        figures[key, "llm.py"] = counts[measure].get("llm.py", 0.0)
+    return figures
+
+
+def _check_budget(counts, budget, path):
+    """Compare llm.py's counts with the budget: print both; 0 within it, 1 over it."""
+    figures = _figures(counts)
+    print("\n## llm.py's bytecode budget (%s, CPython %s)\n"
+          % (os.path.relpath(path), budget["python"]))
+    print("| count | measured | budget | headroom |\n|---|---:|---:|---:|")
+    over = []
+    for key, _, words in BYTECODE_COUNTS:
+        for share, whose in (("all", "all files"), ("llm.py", "llm.py's share")):
+            measured, allowed = figures[key, share], budget[key][share]
+            left = allowed - measured
+            print("| %s, %s | %s | %s | %s |" % (
+                words, whose, _count(measured), _count(allowed),
+                "%s (%.1f%%)" % (_count(left), 100.0 * left / allowed) if left >= 0 else
+                "**over by %s (%.1f%%)**" % (_count(-left), -100.0 * left / allowed)))
+            if left < 0:
+                over.append("%s, %s: %s instructions, budget %s, over by %s (%.1f%%)" % (
+                    words, whose, _count(measured), _count(allowed), _count(-left),
+                    -100.0 * left / allowed))
+    chunked, length = figures["per_event_chunked", "all"], figures["per_event_length", "all"]
+    print("\nA streamed event framed by Content-Length runs %s instructions %s than a chunked "
+          "one." % (_count(abs(chunked - length)), "fewer" if length <= chunked else "more"))
+    if sys.version.split()[0] != budget.get("measured_with", sys.version.split()[0]):
+        print("The budget was measured with CPython %s; this is %s: a patch release can move "
+              "the standard library's share a little." % (budget["measured_with"],
+                                                         sys.version.split()[0]))
+    if over:
+        print("\nOver the budget in %s:\n" % os.path.relpath(path))
+        for line in over:
+            print("- " + line)
+        print("\nA change that makes the common path dearer fails this check. If the cost is "
+              "meant, raise the budget in the same commit and say why (bench/README.md).")
+        return 1
+    print("\nWithin the budget.")
+    return 0
+
+
+def _write_budget(counts, budget, path, margin):
+    """Set the budget to the measured counts plus ``margin`` percent, rounded up."""
+    import math
+
+    figures = _figures(counts)
+    for key, _, _ in BYTECODE_COUNTS:
+        for share in ("all", "llm.py"):
+            budget[key][share] = int(math.ceil(figures[key, share] * (1.0 + margin / 100.0)))
+    budget["measured_with"] = sys.version.split()[0]
+    with open(path, "w") as f:
+        f.write(_budget_text(budget))
+    print("\nWrote %s: the counts above plus %g%%." % (os.path.relpath(path), margin))
+
+
+def _budget_text(budget):
+    """budget.json as it is kept: one count per line, keys in a fixed order."""
+    lines = []
+    for key in ("about", "python", "measured_with", "calls", "events"):
+        if key in budget:
+            lines.append("  %s: %s" % (json.dumps(key), json.dumps(budget[key])))
+    for key, _, _ in BYTECODE_COUNTS:
+        lines.append("  %s: {\"all\": %s, \"llm.py\": %s}" % (
+            json.dumps(key), json.dumps(budget[key]["all"]), json.dumps(budget[key]["llm.py"])))
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _measure(arguments, settings, measures, llm_files, copies, server, columns, skipped):
@@ -774,6 +879,20 @@ def main(argv=None):
     if unknown or (arguments.profile and arguments.profile not in MEASURES[1:4] + ("threads",)):
         raise SystemExit("unknown measure: %s (known: %s)" % (
             ", ".join(unknown) or arguments.profile, ", ".join(MEASURES)))
+    budget = None
+    if arguments.check or arguments.write_budget is not None:
+        if not arguments.bytecodes:
+            raise SystemExit("--check and --write-budget go with --bytecodes")
+        budget = _read_budget(arguments.budget)
+        why_not = _budget_applies(budget)
+        if why_not and arguments.write_budget is not None:
+            raise SystemExit("%s: edit %s by hand to move it to another Python" % (
+                why_not, arguments.budget))
+        if why_not:
+            print(why_not + ": not checked.")
+            if sys.version_info < (3, 7):
+                return 0
+            budget = None  # the counts are still printed
     if arguments.bytecodes and sys.version_info < (3, 7):
         raise SystemExit("--bytecodes needs Python 3.7 or later (frame.f_trace_opcodes)")
     out_path = arguments.out or os.path.join(
@@ -791,7 +910,14 @@ def main(argv=None):
             arguments.no_peers = True
         if arguments.bytecodes:
             columns = _columns(arguments, server.base, skipped, measured)
-            _bytecodes(columns, BYTECODE_WORK)
+            work = dict(BYTECODE_WORK)
+            if budget is not None:  # the budget's counts are of its own workload
+                work = {key: budget[key] for key in work}
+            counts = _bytecodes(columns, work)["llm.py"]
+            if arguments.write_budget is not None:
+                _write_budget(counts, budget, arguments.budget, arguments.write_budget)
+            if budget is not None:
+                return _check_budget(counts, budget, arguments.budget)
             return 0
         columns = _columns(arguments, server.base, skipped, measured)
         if arguments.profile:
