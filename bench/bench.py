@@ -764,11 +764,17 @@ def _figures(counts):
     return figures
 
 
+def _shown(path):
+    """A path as the output names it: relative when it is under the working directory."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
 def _check_budget(counts, budget, path):
     """Compare llm.py's counts with the budget: print both; 0 within it, 1 over it."""
     figures = _figures(counts)
     print("\n## llm.py's bytecode budget (%s, CPython %s)\n"
-          % (os.path.relpath(path), budget["python"]))
+          % (_shown(path), budget["python"]))
     print("| count | measured | budget | headroom |\n|---|---:|---:|---:|")
     over = []
     for key, _, words in BYTECODE_COUNTS:
@@ -791,7 +797,7 @@ def _check_budget(counts, budget, path):
               "the standard library's share a little." % (budget["measured_with"],
                                                          sys.version.split()[0]))
     if over:
-        print("\nOver the budget in %s:\n" % os.path.relpath(path))
+        print("\nOver the budget in %s:\n" % _shown(path))
         for line in over:
             print("- " + line)
         print("\nA change that makes the common path dearer fails this check. If the cost is "
@@ -812,7 +818,7 @@ def _write_budget(counts, budget, path, margin):
     budget["measured_with"] = sys.version.split()[0]
     with open(path, "w") as f:
         f.write(_budget_text(budget))
-    print("\nWrote %s: the counts above plus %g%%." % (os.path.relpath(path), margin))
+    print("\nWrote %s: the counts above plus %g%%." % (_shown(path), margin))
 
 
 def _budget_text(budget):
