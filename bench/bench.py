@@ -409,14 +409,19 @@ def measure_threads(run, columns):
 # ---------------------------------------------------------------- tables
 
 
-def paired(data, label, reference, key="rounds", difference=False):
-    """Median over the rounds of label's figure over (or minus) the reference's."""
+def per_round(data, label, reference, key="rounds", difference=False):
+    """Label's figure over (or minus) the reference's, round by round."""
     if reference not in data or label not in data:
-        return float("nan")
+        return []
     pairs = list(zip(data[label][key], data[reference][key]))
     if difference:
-        return median([mine - theirs for mine, theirs in pairs])
-    return median([mine / theirs for mine, theirs in pairs if theirs])
+        return [mine - theirs for mine, theirs in pairs]
+    return [mine / theirs for mine, theirs in pairs if theirs]
+
+
+def paired(data, label, reference, key="rounds", difference=False):
+    """Median over the rounds of label's figure over (or minus) the reference's."""
+    return median(per_round(data, label, reference, key, difference))
 
 
 def _x(value):
@@ -590,6 +595,11 @@ def report(results, columns):
                 ratio, entry["wrong"], entry["errors"]),
                 ratio >= 0.8 and not entry["wrong"] and not entry["errors"]))
 
+    summary = side_by_side(results, columns)
+    if summary:
+        results["side_by_side"] = summary
+        out.append(_side_by_side_tables(summary, columns))
+
     if verdicts:
         keys = {"import": "import", "non-stream": "nonstream", "stream": "stream",
                 "pass-through": "tick", "memory": "rss", "threads": "threads"}
@@ -600,6 +610,87 @@ def report(results, columns):
              "inconclusive: the floor had rounds as slow (a busy machine); run again"]
             for measure, label, figure, ok in verdicts]))
     return "\n".join(out), verdicts
+
+
+# the rows of the side-by-side tables: (name, words, measure, the figures, key, difference)
+SIDE_BY_SIDE = (
+    ("import", "import time (CPU)", "import", None, "cpu_rounds", False),
+    ("nonstream", "non-stream call, median", "nonstream", None, "rounds", False),
+    ("nonstream_p99", "non-stream call, p99", "nonstream", None, "p99_rounds", False),
+    ("stream", "streamed events/s", "stream", None, "rounds", False),
+    ("tick_chunked", "pass-through p99, chunked (ms more)", "tick", "chunked", "rounds", True),
+    ("tick_close", "pass-through p99, close-delimited (ms more)", "tick", "close", "rounds",
+     True),
+    ("rss", "peak RSS", "rss", None, "rounds", False),
+    ("threads", "threads sharing a client, calls/s", "threads", None, "rounds", False),
+)
+REFERENCES = ("floor", "requests")  # what the side-by-side tables divide by
+
+
+def side_by_side(results, columns):
+    """Every client against the floor and against requests, round by round.
+
+    {reference: {row: {label: {"median", "iqr", "min", "max", "rounds"}}}}: the
+    median of the per-round ratios (or, for the pass-through delays,
+    differences in ms), their interquartile range and their extremes.
+    """
+    summary = {}
+    for reference in REFERENCES:
+        rows = {}
+        for name, _, measure, part, key, difference in SIDE_BY_SIDE:
+            data = results.get(measure)
+            if data and part:
+                data = data.get(part)
+            if not data or reference not in data:
+                continue
+            if measure == "import" and data.get("_pass_cpu_ms") is None:
+                key = "rounds"  # no CPU time on this platform: wall time
+            cells = {}
+            for column in columns:
+                values = per_round(data, column.label, reference, key, difference)
+                if column.label != reference and column.kind != "wire" and values:
+                    cells[column.label] = {"median": median(values), "iqr": iqr(values),
+                                           "min": min(values), "max": max(values),
+                                           "rounds": len(values)}
+            if cells:
+                rows[name] = cells
+        if rows:
+            summary[reference] = rows
+    return summary
+
+
+def _side_by_side_tables(summary, columns):
+    out = []
+    for reference, rows in sorted(summary.items(), key=lambda item: REFERENCES.index(item[0])):
+        labels = [column.label for column in columns
+                  if any(column.label in cells for cells in rows.values())]
+        out.append("\n### Side by side: each client against %s (median of the per-round "
+                   "figures; in brackets, their interquartile range)\n" % (
+                       "the floor" if reference == "floor" else reference))
+        table = []
+        for name, words, _, _, _, difference in SIDE_BY_SIDE:
+            if name not in rows:
+                continue
+            cells = rows[name]
+            rounds = max(cell["rounds"] for cell in cells.values())
+            row = [words, "%d" % rounds]
+            for label in labels:
+                cell = cells.get(label)
+                if cell is None:
+                    row.append("-")
+                elif difference:
+                    row.append("%+.3f [%+.3f, %+.3f]" % ((cell["median"],) + tuple(cell["iqr"])))
+                else:
+                    row.append("%.2fx [%.2f, %.2f]" % ((cell["median"],) + tuple(cell["iqr"])))
+            table.append(row)
+        out.append(_table(["measure", "rounds"] + labels, table))
+    out.append("\nA ratio is the client's figure over the reference's in the same round: "
+               "above 1 is slower for times, more memory for RSS, faster for events/s and "
+               "calls/s. The pass-through rows are milliseconds added to the reference's p99. "
+               "`side_by_side` in the JSON also has each spread's extremes.")
+    if "requests" not in summary:
+        out.append("_requests is not in this run: no table against it._")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------- main
