@@ -409,14 +409,19 @@ def measure_threads(run, columns):
 # ---------------------------------------------------------------- tables
 
 
-def paired(data, label, reference, key="rounds", difference=False):
-    """Median over the rounds of label's figure over (or minus) the reference's."""
+def per_round(data, label, reference, key="rounds", difference=False):
+    """Label's figure over (or minus) the reference's, round by round."""
     if reference not in data or label not in data:
-        return float("nan")
+        return []
     pairs = list(zip(data[label][key], data[reference][key]))
     if difference:
-        return median([mine - theirs for mine, theirs in pairs])
-    return median([mine / theirs for mine, theirs in pairs if theirs])
+        return [mine - theirs for mine, theirs in pairs]
+    return [mine / theirs for mine, theirs in pairs if theirs]
+
+
+def paired(data, label, reference, key="rounds", difference=False):
+    """Median over the rounds of label's figure over (or minus) the reference's."""
+    return median(per_round(data, label, reference, key, difference))
 
 
 def _x(value):
@@ -590,6 +595,11 @@ def report(results, columns):
                 ratio, entry["wrong"], entry["errors"]),
                 ratio >= 0.8 and not entry["wrong"] and not entry["errors"]))
 
+    summary = side_by_side(results, columns)
+    if summary:
+        results["side_by_side"] = summary
+        out.append(_side_by_side_tables(summary, columns))
+
     if verdicts:
         keys = {"import": "import", "non-stream": "nonstream", "stream": "stream",
                 "pass-through": "tick", "memory": "rss", "threads": "threads"}
@@ -600,6 +610,87 @@ def report(results, columns):
              "inconclusive: the floor had rounds as slow (a busy machine); run again"]
             for measure, label, figure, ok in verdicts]))
     return "\n".join(out), verdicts
+
+
+# the rows of the side-by-side tables: (name, words, measure, the figures, key, difference)
+SIDE_BY_SIDE = (
+    ("import", "import time (CPU)", "import", None, "cpu_rounds", False),
+    ("nonstream", "non-stream call, median", "nonstream", None, "rounds", False),
+    ("nonstream_p99", "non-stream call, p99", "nonstream", None, "p99_rounds", False),
+    ("stream", "streamed events/s", "stream", None, "rounds", False),
+    ("tick_chunked", "pass-through p99, chunked (ms more)", "tick", "chunked", "rounds", True),
+    ("tick_close", "pass-through p99, close-delimited (ms more)", "tick", "close", "rounds",
+     True),
+    ("rss", "peak RSS", "rss", None, "rounds", False),
+    ("threads", "threads sharing a client, calls/s", "threads", None, "rounds", False),
+)
+REFERENCES = ("floor", "requests")  # what the side-by-side tables divide by
+
+
+def side_by_side(results, columns):
+    """Every client against the floor and against requests, round by round.
+
+    {reference: {row: {label: {"median", "iqr", "min", "max", "rounds"}}}}: the
+    median of the per-round ratios (or, for the pass-through delays,
+    differences in ms), their interquartile range and their extremes.
+    """
+    summary = {}
+    for reference in REFERENCES:
+        rows = {}
+        for name, _, measure, part, key, difference in SIDE_BY_SIDE:
+            data = results.get(measure)
+            if data and part:
+                data = data.get(part)
+            if not data or reference not in data:
+                continue
+            if measure == "import" and data.get("_pass_cpu_ms") is None:
+                key = "rounds"  # no CPU time on this platform: wall time
+            cells = {}
+            for column in columns:
+                values = per_round(data, column.label, reference, key, difference)
+                if column.label != reference and column.kind != "wire" and values:
+                    cells[column.label] = {"median": median(values), "iqr": iqr(values),
+                                           "min": min(values), "max": max(values),
+                                           "rounds": len(values)}
+            if cells:
+                rows[name] = cells
+        if rows:
+            summary[reference] = rows
+    return summary
+
+
+def _side_by_side_tables(summary, columns):
+    out = []
+    for reference, rows in sorted(summary.items(), key=lambda item: REFERENCES.index(item[0])):
+        labels = [column.label for column in columns
+                  if any(column.label in cells for cells in rows.values())]
+        out.append("\n### Side by side: each client against %s (median of the per-round "
+                   "figures; in brackets, their interquartile range)\n" % (
+                       "the floor" if reference == "floor" else reference))
+        table = []
+        for name, words, _, _, _, difference in SIDE_BY_SIDE:
+            if name not in rows:
+                continue
+            cells = rows[name]
+            rounds = max(cell["rounds"] for cell in cells.values())
+            row = [words, "%d" % rounds]
+            for label in labels:
+                cell = cells.get(label)
+                if cell is None:
+                    row.append("-")
+                elif difference:
+                    row.append("%+.3f [%+.3f, %+.3f]" % ((cell["median"],) + tuple(cell["iqr"])))
+                else:
+                    row.append("%.2fx [%.2f, %.2f]" % ((cell["median"],) + tuple(cell["iqr"])))
+            table.append(row)
+        out.append(_table(["measure", "rounds"] + labels, table))
+    out.append("\nA ratio is the client's figure over the reference's in the same round: "
+               "above 1 is slower for times, more memory for RSS, faster for events/s and "
+               "calls/s. The pass-through rows are milliseconds added to the reference's p99. "
+               "`side_by_side` in the JSON also has each spread's extremes.")
+    if "requests" not in summary:
+        out.append("_requests is not in this run: no table against it._")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------- main
@@ -622,6 +713,15 @@ def _arguments(argv):
     parser.add_argument("--bytecodes", action="store_true",
                         help="instead of benchmarking, count the Python bytecode each client "
                              "runs per non-stream call and per streamed event: no noise")
+    parser.add_argument("--check", action="store_true",
+                        help="with --bytecodes: compare llm.py's counts with the budget in "
+                             "bench/budget.json; exit 1 when one is over (CPython 3.11 only; "
+                             "elsewhere it says so and exits 0)")
+    parser.add_argument("--budget", default=os.path.join(HERE, "budget.json"),
+                        help="the budget file (default: bench/budget.json)")
+    parser.add_argument("--write-budget", type=float, metavar="PERCENT",
+                        help="with --bytecodes: set the budget file to llm.py's counts plus "
+                             "PERCENT, on the budget's CPython")
     parser.add_argument("--profile", metavar="MEASURE",
                         help="instead of benchmarking, print a cProfile of the llm.py worker "
                              "running MEASURE (nonstream, stream, tick, threads)")
@@ -683,21 +783,145 @@ def _profile(measure, columns, settings):
     print(column.ask("profile", measure=measure, **command[measure])["report"])
 
 
-def _bytecodes(columns):
-    """Print each client's bytecode count per call and per event, and the files that run most."""
+# the bytecode counts: (key in budget.json, the worker's measure, words for the tables)
+BYTECODE_COUNTS = (
+    ("per_call", "nonstream", "per non-stream call"),
+    ("per_event_chunked", "stream", "per streamed event, chunked"),
+    ("per_event_length", "stream_length", "per streamed event, Content-Length"),
+)
+BYTECODE_WORK = {"calls": 20, "events": 1000}  # calls traced; events in each traced stream
+
+
+def _bytecodes(columns, work):
+    """Print each client's bytecode count per call and per event, and the files that run most.
+
+    Returns {label: {measure: {file: instructions}}}.
+    """
     print("## Python bytecode instructions run (traced; Python %s)\n" % sys.version.split()[0])
-    print("| client | per non-stream call | the most, by file | per streamed event "
-          "| the most, by file |\n|---|---:|---|---:|---|")
+    print("| client | " + " | ".join("%s | the most, by file" % words
+                                     for _, _, words in BYTECODE_COUNTS) + " |")
+    print("|---" + "|---:|---" * len(BYTECODE_COUNTS) + "|")
+    counted = {}
     for column in columns:
         if column.kind == "wire":
             continue
-        counts = column.ask("bytecodes", calls=20, events=1000)
+        counts = counted[column.label] = column.ask("bytecodes", **work)
         cells = []
-        for measure in ("nonstream", "stream"):
+        for _, measure, _ in BYTECODE_COUNTS:
             files = sorted(counts[measure].items(), key=lambda item: -item[1])
-            cells.append("%.0f | %s" % (sum(counts[measure].values()), ", ".join(
-                "%s %.0f" % item for item in files[:3])))
+            cells.append("%s | %s" % (_count(sum(counts[measure].values())), ", ".join(
+                "%s %s" % (name, _count(value)) for name, value in files[:3])))
         print("| %s | %s |" % (column.label, " | ".join(cells)))
+    print("\nA streamed event is one of %d in one reply, the call's own work shared out among "
+          "them; a non-stream call, the mean of %d. `client.py` is http.client's, "
+          "`clients.py` the benchmark's adapter." % (work["events"], work["calls"]))
+    return counted
+
+
+def _count(value):
+    return "%.0f" % value if value >= 1000 or value == int(value) else "%.1f" % value
+
+
+def _read_budget(path):
+    with open(path) as f:
+        budget = json.load(f)
+    for key in ("python", "calls", "events"):
+        if key not in budget:
+            raise SystemExit("%s: no %r" % (path, key))
+    for key, _, _ in BYTECODE_COUNTS:
+        if not all(isinstance(budget.get(key, {}).get(share), (int, float))
+                   for share in ("all", "llm.py")):
+            raise SystemExit("%s: %s wants {\"all\": N, \"llm.py\": N}" % (path, key))
+    return budget
+
+
+def _budget_applies(budget):
+    """Why the budget does not apply to this interpreter, or None when it does."""
+    if (platform.python_implementation() != "CPython"
+            or "%d.%d" % sys.version_info[:2] != budget["python"]):
+        return ("the bytecode budget is for CPython %s; this is %s %s, whose compiler and "
+                "standard library run other counts" % (
+                    budget["python"], platform.python_implementation(),
+                    sys.version.split()[0]))
+    return None
+
+
+def _figures(counts):
+    """{(key, share): instructions} of one llm.py column's counts."""
+    figures = {}
+    for key, measure, _ in BYTECODE_COUNTS:
+        figures[key, "all"] = sum(counts[measure].values())
+        figures[key, "llm.py"] = counts[measure].get("llm.py", 0.0)
+    return figures
+
+
+def _shown(path):
+    """A path as the output names it: relative when it is under the working directory."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+def _check_budget(counts, budget, path):
+    """Compare llm.py's counts with the budget: print both; 0 within it, 1 over it."""
+    figures = _figures(counts)
+    print("\n## llm.py's bytecode budget (%s, CPython %s)\n"
+          % (_shown(path), budget["python"]))
+    print("| count | measured | budget | headroom |\n|---|---:|---:|---:|")
+    over = []
+    for key, _, words in BYTECODE_COUNTS:
+        for share, whose in (("all", "all files"), ("llm.py", "llm.py's share")):
+            measured, allowed = figures[key, share], budget[key][share]
+            left = allowed - measured
+            print("| %s, %s | %s | %s | %s |" % (
+                words, whose, _count(measured), _count(allowed),
+                "%s (%.1f%%)" % (_count(left), 100.0 * left / allowed) if left >= 0 else
+                "**over by %s (%.1f%%)**" % (_count(-left), -100.0 * left / allowed)))
+            if left < 0:
+                over.append("%s, %s: %s instructions, budget %s, over by %s (%.1f%%)" % (
+                    words, whose, _count(measured), _count(allowed), _count(-left),
+                    -100.0 * left / allowed))
+    chunked, length = figures["per_event_chunked", "all"], figures["per_event_length", "all"]
+    print("\nA streamed event framed by Content-Length runs %s instructions %s than a chunked "
+          "one." % (_count(abs(chunked - length)), "fewer" if length <= chunked else "more"))
+    if sys.version.split()[0] != budget.get("measured_with", sys.version.split()[0]):
+        print("The budget was measured with CPython %s; this is %s: a patch release can move "
+              "the standard library's share a little." % (budget["measured_with"],
+                                                         sys.version.split()[0]))
+    if over:
+        print("\nOver the budget in %s:\n" % _shown(path))
+        for line in over:
+            print("- " + line)
+        print("\nA change that makes the common path dearer fails this check. If the cost is "
+              "meant, raise the budget in the same commit and say why (bench/README.md).")
+        return 1
+    print("\nWithin the budget.")
+    return 0
+
+
+def _write_budget(counts, budget, path, margin):
+    """Set the budget to the measured counts plus ``margin`` percent, rounded up."""
+    import math
+
+    figures = _figures(counts)
+    for key, _, _ in BYTECODE_COUNTS:
+        for share in ("all", "llm.py"):
+            budget[key][share] = int(math.ceil(figures[key, share] * (1.0 + margin / 100.0)))
+    budget["measured_with"] = sys.version.split()[0]
+    with open(path, "w") as f:
+        f.write(_budget_text(budget))
+    print("\nWrote %s: the counts above plus %g%%." % (_shown(path), margin))
+
+
+def _budget_text(budget):
+    """budget.json as it is kept: one count per line, keys in a fixed order."""
+    lines = []
+    for key in ("about", "python", "measured_with", "calls", "events"):
+        if key in budget:
+            lines.append("  %s: %s" % (json.dumps(key), json.dumps(budget[key])))
+    for key, _, _ in BYTECODE_COUNTS:
+        lines.append("  %s: {\"all\": %s, \"llm.py\": %s}" % (
+            json.dumps(key), json.dumps(budget[key]["all"]), json.dumps(budget[key]["llm.py"])))
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _measure(arguments, settings, measures, llm_files, copies, server, columns, skipped):
@@ -752,6 +976,20 @@ def main(argv=None):
     if unknown or (arguments.profile and arguments.profile not in MEASURES[1:4] + ("threads",)):
         raise SystemExit("unknown measure: %s (known: %s)" % (
             ", ".join(unknown) or arguments.profile, ", ".join(MEASURES)))
+    budget = None
+    if arguments.check or arguments.write_budget is not None:
+        if not arguments.bytecodes:
+            raise SystemExit("--check and --write-budget go with --bytecodes")
+        budget = _read_budget(arguments.budget)
+        why_not = _budget_applies(budget)
+        if why_not and arguments.write_budget is not None:
+            raise SystemExit("%s: edit %s by hand to move it to another Python" % (
+                why_not, arguments.budget))
+        if why_not:
+            print(why_not + ": not checked.")
+            if sys.version_info < (3, 7):
+                return 0
+            budget = None  # the counts are still printed
     if arguments.bytecodes and sys.version_info < (3, 7):
         raise SystemExit("--bytecodes needs Python 3.7 or later (frame.f_trace_opcodes)")
     out_path = arguments.out or os.path.join(
@@ -769,7 +1007,14 @@ def main(argv=None):
             arguments.no_peers = True
         if arguments.bytecodes:
             columns = _columns(arguments, server.base, skipped, measured)
-            _bytecodes(columns)
+            work = dict(BYTECODE_WORK)
+            if budget is not None:  # the budget's counts are of its own workload
+                work = {key: budget[key] for key in work}
+            counts = _bytecodes(columns, work)["llm.py"]
+            if arguments.write_budget is not None:
+                _write_budget(counts, budget, arguments.budget, arguments.write_budget)
+            if budget is not None:
+                return _check_budget(counts, budget, arguments.budget)
             return 0
         columns = _columns(arguments, server.base, skipped, measured)
         if arguments.profile:

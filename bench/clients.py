@@ -96,12 +96,14 @@ class Floor(object):
 
     def stream(self, scenario, messages, out):
         write, loads = out.write, self._loads
-        read1 = self._post(scenario, messages, True).read1
+        reply = self._post(scenario, messages, True)
+        read1 = reply.read1
         rest = b""
         done = False
         while True:
             data = read1(65536)
             if not data:
+                reply.close()  # a Content-Length body that was read to its end stays open
                 break
             lines = (rest + data if rest else data).split(b"\n")
             rest = lines.pop()
@@ -163,9 +165,9 @@ class Wire(object):
     def stream(self, scenario, messages, out):
         if not scenario.startswith("sse-"):
             raise RuntimeError("the wire client only counts json and sse-<n> replies")
-        events = int(scenario[4:])
-        self._exchange(scenario, messages,
-                       self._size(scenario, lambda: self._loopback.sse_response(events)))
+        events, framing = self._loopback.sse_scenario(scenario)
+        self._exchange(scenario, messages, self._size(
+            scenario, lambda: self._loopback.sse_response(events, framing)))
 
     def _size(self, scenario, render):
         size = self._requests.get(scenario)
@@ -455,9 +457,13 @@ def _bytecodes(adapter, command):
 
     A count, not a time: it has none of a shared machine's noise. Traced with
     ``frame.f_trace_opcodes`` (Python 3.7 and later); the trace function's own
-    work is not counted.
+    work is not counted. A streamed event is one of ``events`` in one reply,
+    the call's own work included and shared out; twice: a chunked reply
+    (``stream``) and one framed by ``Content-Length`` (``stream_length``).
     """
     import collections
+
+    import loopback
 
     counts = collections.Counter()
 
@@ -467,19 +473,41 @@ def _bytecodes(adapter, command):
             counts[os.path.basename(frame.f_code.co_filename)] += 1
         return tracer
 
+    def nothing():
+        return None
+
+    # CPython 3.12.1 sends no opcode events in the first session of sys.settrace: one that
+    # counts nothing comes first
+    sys.settrace(tracer)
+    try:
+        nothing()
+    finally:
+        sys.settrace(None)
     calls, events = command["calls"], command["events"]
-    work = {"nonstream": (calls, calls, lambda: adapter.chat("json", MESSAGES)),
-            "stream": (events, 1, lambda: adapter.stream("sse-%d" % events, MESSAGES, Sink()))}
+    chat, stream = adapter.chat, adapter.stream
+    work = {  # measure: (the count's divisor, the calls traced, one call, its expected result)
+        "nonstream": (calls, calls, lambda _: chat("json", MESSAGES), loopback.REPLY_TEXT),
+        "stream": (events, 1, lambda out: stream("sse-%d" % events, MESSAGES, out),
+                   loopback.stream_text(events)),
+        "stream_length": (events, 1, lambda out: stream("sse-%d-length" % events, MESSAGES, out),
+                          loopback.stream_text(events))}
     answer = {}
-    for measure, (per, repeats, operation) in work.items():
-        operation()  # warm: connected, and every lazy import done
+    for measure, (per, repeats, operation, expected) in work.items():
+        sinks = [Sink() for _ in range(repeats + 1)]
+        results = [operation(sinks[0])]  # warm: connected, and every lazy import done
         counts.clear()
         sys.settrace(tracer)
         try:
-            for _ in range(repeats):
-                operation()
+            for number in range(repeats):
+                results.append(operation(sinks[number + 1]))
         finally:
             sys.settrace(None)
+        if measure != "nonstream":
+            results = ["".join(out) for out in sinks]
+        if any(result != expected for result in results):  # a count of a failing call is no count
+            raise RuntimeError("%s: a wrong answer" % measure)
+        if not counts:
+            raise RuntimeError("%s: the trace saw no instructions" % measure)
         answer[measure] = {name: count / float(per) for name, count in counts.items()}
     return answer
 

@@ -11,6 +11,8 @@ base URL picks the scenario (``http://127.0.0.1:<port>/<scenario>/v1``):
 ``echo``                    the same, answering the ``ask-<a>-<b>`` token found
                             in the request, so that crossed replies show
 ``sse-<n>``                 a stream of ``n`` content events, one chunk each
+``sse-<n>-length``          the same events in a body framed by ``Content-Length``
+                            (no chunking), as some servers and proxies send them
 ``tick-<n>-<ms>-chunked``   ``n`` events ``ms`` apart, each carrying the time
 ``tick-<n>-<ms>-close``     it was sent; the second form has no chunking and no
                             length: the body ends when the server closes
@@ -91,16 +93,33 @@ _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Contr
              b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
 _CLOSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                b"Connection: close\r\n\r\n")
+_LENGTH_HEAD = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                "Content-Length: %d\r\nConnection: keep-alive\r\n\r\n")
 
 
 def _chunked(event):
     return b"%x\r\n%s\r\n" % (len(event), event)
 
 
-def sse_response(events):
-    """The whole ``sse-<events>`` answer: one HTTP chunk per event, as servers send them."""
-    return _SSE_HEAD + b"".join(_chunked(e) for e in _events(
-        [WORDS[i % len(WORDS)] for i in range(events)])) + b"0\r\n\r\n"
+def sse_response(events, framing="chunked"):
+    """The whole ``sse-<events>`` answer: one HTTP chunk per event, as servers send them.
+
+    With ``framing="length"``, the ``sse-<events>-length`` answer: the same
+    events in one body framed by ``Content-Length``.
+    """
+    contents = _events([WORDS[i % len(WORDS)] for i in range(events)])
+    if framing == "length":
+        body = b"".join(contents)
+        return (_LENGTH_HEAD % len(body)).encode("ascii") + body
+    if framing != "chunked":
+        raise ValueError("framing: chunked or length, not %r" % (framing,))
+    return _SSE_HEAD + b"".join(_chunked(e) for e in contents) + b"0\r\n\r\n"
+
+
+def sse_scenario(scenario):
+    """``sse-<n>`` or ``sse-<n>-length``: (n, framing)."""
+    count, _, framing = scenario[4:].partition("-")
+    return int(count), framing or "chunked"
 
 
 def request_bytes(scenario, body):
@@ -179,8 +198,9 @@ class _Server(object):
             token = found.group().decode("ascii") if found else "nothing"
             sock.sendall(_json_response(_reply_body(echo_text(token))))
         elif scenario.startswith("sse-"):
-            events = min(int(scenario[4:]), 1000000)
-            sock.sendall(self.rendered(scenario, lambda: sse_response(events)))
+            events, framing = sse_scenario(scenario)
+            events = min(events, 1000000)
+            sock.sendall(self.rendered(scenario, lambda: sse_response(events, framing)))
         elif scenario.startswith("tick-"):
             _, count, interval, framing = scenario.split("-")
             return self.tick(sock, min(int(count), 10000), float(interval) / 1000.0,
