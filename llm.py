@@ -1029,6 +1029,7 @@ class _Call:
     error = kind = ""  # how the call failed: Response.error and error_kind
     overflow = None  # type: Optional[Dict[str, int]]
     cancelled = False  # a cancel ended it (a passed deadline is an error)
+    envelopes = True  # take events in a known envelope at once (the tests compare without)
     started = seconds = 0.0
     first_token = None  # type: Optional[float]
 
@@ -1162,14 +1163,27 @@ class _Call:
         envelope = None  # type: Optional[_Envelope]
         data = data or read(answer)
         while True:
-            if envelope is not None and data:  # the usual event: its text at once
+            if envelope is not None and data:  # the usual events: their text at once
                 text = envelope.text(data)
-                if text is not None:
+                if text is not None:  # a read of one event, as chunked streams have them
+                    if guard.halted:  # a cancel while the last text was written ends the call
+                        guard.check()
                     content.append(text)
                     yield text
                     data = read(answer)
                     continue
-            events = decoder.feed(data) if data else decoder.close()
+                texts, taken = envelope.take(data)  # a read of many, or the rest of one
+                for text in texts:
+                    if guard.halted:  # a cancel between two events of one read ends the call
+                        guard.check()
+                    content.append(text)
+                    yield text
+                data = data[taken:] if taken < len(data) else read(answer)
+                if taken:
+                    continue
+            # the general path, an event at a time (the envelope may take the next ones)
+            piece, data = _first_event(data)
+            events = decoder.feed(piece) if piece else decoder.close()
             for kind, payload in events:
                 if guard.halted:  # one read may hold many events: a cancel ends the call here
                     guard.check()
@@ -1181,13 +1195,13 @@ class _Call:
                 assembler.check()
                 exchange.drain(answer)
                 break
-            if not data:
+            if not piece:
                 guard.check()  # the end may be a cancel's: its shut-down socket
                 assembler.ended(exchange.received > 0)
                 break
-            if envelope is None and len(events) == 1 and text:
-                envelope = _Envelope.of(data, text, events[0])
-            data = read(answer)
+            if envelope is None and len(events) == 1 and text and self.envelopes:
+                envelope = _Envelope.of(piece, text, events[0])
+            data = data or read(answer)
         if assembler.held:  # content held back while it might have opened a <think> block
             rest = assembler.flush()
             if rest:
@@ -1238,6 +1252,12 @@ def _content_only(chunk: "Any", text: str) -> bool:
             and not (choice.get("finish_reason") or choice.get("usage") or choice.get("logprobs")))
 
 
+def _first_event(data: bytes) -> "Tuple[bytes, bytes]":
+    """``data`` cut after its first event (a blank line, as LF streams end them), and the rest."""
+    end = data.find(b"\n\n") + 2
+    return (data[:end], data[end:]) if 1 < end < len(data) else (data, b"")
+
+
 class _Envelope:
     """The bytes around the text of one content-only event, to take the next ones at once.
 
@@ -1256,6 +1276,18 @@ class _Envelope:
     def __init__(self, prefix: str, suffix: str) -> None:
         self.prefix, self.suffix = prefix, suffix
         self.at, self.end = len(prefix), -len(suffix)
+
+    def take(self, data: bytes) -> "Tuple[List[str], int]":
+        """The texts of the events in this envelope that ``data`` begins with, and their end."""
+        texts, at, size = [], 0, len(data)
+        while at < size:
+            end = data.find(b"\n\n", at) + 2
+            text = self.text(data[at:end]) if end > 1 else None
+            if text is None:
+                break
+            texts.append(text)
+            at = end
+        return texts, at
 
     def text(self, data: bytes) -> "Optional[str]":
         """The text of an event in this envelope; None for any other read."""

@@ -1379,9 +1379,11 @@ class BoundedWorkTest(HostileCase):
                     self.assertEqual(server.connections, 2)  # never reused with trailers unread
 
     def test_the_deadline_bounds_work_on_data_that_keeps_coming(self):
-        piece = event(delta("x" * 100)) * 600  # 60 KB of content per send, as fast as it goes
-        client = self.client(self.serve(lazy(head(chunked=False), piece, 60 * MIB)),
-                             deadline=0.5, max_bytes=100 * MIB)
+        # 60 KB of content per send, as fast as it goes, for longer than any client reads
+        # within the deadline (this one takes about 100 MB a second)
+        piece = event(delta("x" * 100)) * 600
+        client = self.client(self.serve(lazy(head(chunked=False), piece, 4096 * MIB)),
+                             deadline=0.5, max_bytes=8192 * MIB)
         response, _ = bounded(self, client.chat_stream, 60, HI, Writes())
         check_response(self, response)
         self.assertEqual(response.error, "deadline of 0.5s exceeded")
