@@ -91,7 +91,6 @@ _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes //
 # what a delta may carry beside its text
 _ASIDES = frozenset(("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal"))
 _SSE_STARTS = (b":", b"data", b"event", b"id", b"retry", b"error")  # how an event stream begins
-_THINK_STARTS = "< \t\r\n"  # how content that begins with a <think> block may begin
 _DONE = object()  # the payload of ``data: [DONE]``
 # C0 controls, DEL and C1, as they are shown where they must not act (a terminal, a trace)
 _VISIBLE_CONTROLS = {c: "\\u%04x" % c for c in list(range(32)) + list(range(127, 160))}
@@ -561,8 +560,11 @@ class _Settings:
     the request line carries (the absolute URL, through a proxy); ``proxy``: the
     proxy's (host, port), or None, and ``tunnel_headers`` its CONNECT headers;
     ``api_key``; ``secrets``: every form in which a secret may come back;
-    ``stream_headers``, ``plain_headers``: each kind of request's headers; the
-    rest as the :class:`Client`'s arguments say.
+    ``stream_headers``, ``plain_headers``: each kind of request's headers, and
+    ``stream_lines``, ``plain_lines`` the same as the lines they are sent as
+    (checked once: http.client checks each header of each request again);
+    ``skips``: the headers of http.client's own that the caller gave; the rest
+    as the :class:`Client`'s arguments say.
     """
 
     problem = base_url = model = system = api_key = scheme = host = ""
@@ -572,7 +574,8 @@ class _Settings:
     deadline = 0.0
     max_bytes = _MAX_BYTES
     verify, ca_file = True, None  # type: bool, Optional[str]
-    params = stream_headers = plain_headers = tunnel_headers = {}  # type: Dict[str, Any]
+    params = stream_headers = plain_headers = tunnel_headers = skips = {}  # type: Dict[str, Any]
+    stream_lines = plain_lines = []  # type: List[bytes]
     proxy = None  # type: Optional[Tuple[str, int]]
     secrets = []  # type: List[str]
     stream_usage = think_tags = True
@@ -625,6 +628,11 @@ class _Settings:
                 sent.update(self.tunnel_headers)
         self.stream_headers = _accepting(sent, "text/event-stream")
         self.plain_headers = _accepting(sent, "application/json")
+        self.stream_lines, self.plain_lines = (
+            [("%s: %s" % item).encode("latin-1") for item in headers.items()]
+            for headers in (self.stream_headers, self.plain_headers))
+        given = {name.lower() for name in sent}
+        self.skips = {"skip_host": "host" in given, "skip_accept_encoding": "accept-encoding" in given}
         self.secrets = _secret_forms([self.api_key] + [
             value for name, value in list(sent.items()) + list(self.tunnel_headers.items())
             + _query_fields(self.chat_path) if _is_credential(name)])
@@ -1549,7 +1557,8 @@ class _Exchange:
         """Send the request; a kept-alive connection that the server closed is retried once."""
         client = self.client
         connection = self.connection = self.connection or _checkout(client, self.guard.pid)
-        headers = client._settings.stream_headers if self.stream else client._settings.plain_headers
+        settings = client._settings
+        lines = settings.stream_lines if self.stream else settings.plain_lines
         reused = connection.sock is not None
         while True:
             if connection.sock is None:
@@ -1558,9 +1567,13 @@ class _Exchange:
             sent_at = time.monotonic()
             try:
                 if data is None:
-                    connection.request("GET", client._settings.models_target, headers=headers)
+                    connection.putrequest("GET", settings.models_target, **settings.skips)
                 else:
-                    connection.request("POST", client._settings.chat_target, data, headers)
+                    connection.putrequest("POST", settings.chat_target, **settings.skips)
+                    lines = [b"Content-Length: %d" % len(data)] + lines  # http.client's order
+                for line in lines:  # what connection.request() would send, with checks once
+                    connection._output(line)  # type: ignore[attr-defined]
+                connection.endheaders(data)
                 answer = self.answer = connection.getresponse()  # type: ignore[assignment]
                 return answer
             except (ConnectionError, http.client.BadStatusLine) as exc:
@@ -2507,7 +2520,7 @@ class _Assembler:
         if text and not isinstance(text, str):
             text = self._parts(text)
         if text and self.think != 3 and not self.content:  # the content's start
-            if self.think or self.held or text[0] in _THINK_STARTS:  # in it, or maybe to come
+            if self.think or self.held or text[0] == "<" or text[0].isspace():  # in it, or to come
                 text = self._unthink(text)
             else:
                 self.think = 3  # it begins with no <think>
