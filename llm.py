@@ -86,6 +86,7 @@ _CHECKED_SIZE = 65536  # JSON text longer than this is checked for its cost befo
 _MAX_DEPTH = 256  # JSON nested deeper than this is refused (its parsing nears the recursion limit)
 _SHALLOW_SIZE = 2 * _MAX_DEPTH  # JSON text no longer than this cannot nest deeper
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
+_NUMBERS = frozenset((int, float))  # what JSON numbers parse to (and no bool)
 _JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
 # what a delta may carry beside its text
@@ -224,29 +225,34 @@ class Response:
     server said them, else ``None``.
     """
 
-    __slots__ = ("content", "role", "stop_reason", "error", "status", "usage",
-                 "tool_calls", "reasoning", "refusal", "model", "id", "headers", "logprobs",
-                 "first_token_seconds", "total_seconds", "timings", "warnings", "error_kind",
-                 "overflow", "_reasoning_field", "_legacy_call")
+    # each field's default (the mutable ones are made by __init__)
+    role = "assistant"
+    status = 0
+    usage = timings = None  # type: Optional[Dict[str, Any]]
+    reasoning = refusal = model = id = error_kind = ""
+    logprobs = None  # type: Optional[List[Any]]
+    first_token_seconds = None  # type: Optional[float]
+    total_seconds = 0.0
+    overflow = None  # type: Optional[Dict[str, int]]
+    _headers = None  # type: Optional[http.client.HTTPMessage]
+    _reasoning_field = "reasoning_content"
+    _legacy_call = False  # the server used the older function_call shape
 
     def __init__(self, content: str = "", stop_reason: str = "stop", error: str = "") -> None:
         self.content, self.stop_reason, self.error = content, stop_reason, error
-        self.role = "assistant"
-        self.status = 0
-        self.usage = None  # type: Optional[Dict[str, Any]]
         self.tool_calls = []  # type: List[ToolCall]
-        self.reasoning = self.refusal = ""
-        self.model = self.id = ""
-        self.headers = http.client.HTTPMessage()
-        self.logprobs = None  # type: Optional[List[Any]]
-        self.first_token_seconds = None  # type: Optional[float]
-        self.total_seconds = 0.0
-        self.timings = None  # type: Optional[Dict[str, Any]]
         self.warnings = []  # type: List[str]
-        self.error_kind = ""
-        self.overflow = None  # type: Optional[Dict[str, int]]
-        self._reasoning_field = "reasoning_content"
-        self._legacy_call = False  # the server used the older function_call shape
+
+    @property
+    def headers(self) -> "http.client.HTTPMessage":
+        """The headers of the last HTTP response (empty when none arrived)."""
+        if self._headers is None:  # made only when asked for: most Responses have theirs
+            self._headers = http.client.HTTPMessage()
+        return self._headers
+
+    @headers.setter
+    def headers(self, headers: "http.client.HTTPMessage") -> None:
+        self._headers = headers
 
     @property
     def ok(self) -> bool:
@@ -1235,8 +1241,7 @@ class _Call:
         response = assembler.response(self.error, self.cancelled, self.settings.secrets, self.kind)
         response.overflow = self.overflow if response.error_kind == "context_overflow" else None
         response.status = exchange.status
-        if exchange.headers is not None:
-            response.headers = exchange.headers
+        response._headers = exchange.headers
         response.first_token_seconds, response.total_seconds = self.first_token, self.seconds
         if self.body is not None and response.ok:
             response.warnings = _warnings(exchange.notes, self.body, exchange.sent, response,
@@ -1571,8 +1576,8 @@ class _Exchange:
                 else:
                     connection.putrequest("POST", settings.chat_target, **settings.skips)
                     lines = [b"Content-Length: %d" % len(data)] + lines  # http.client's order
-                for line in lines:  # what connection.request() would send, with checks once
-                    connection._output(line)  # type: ignore[attr-defined]
+                # what connection.request() sends, but each header checked once per client
+                connection._buffer.extend(lines)  # type: ignore[attr-defined]
                 connection.endheaders(data)
                 answer = self.answer = connection.getresponse()  # type: ignore[assignment]
                 return answer
@@ -2832,6 +2837,9 @@ def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
     """
     if not isinstance(usage, dict):
         return None
+    if ("total_tokens" in usage and len(usage) <= _MAX_USAGE_KEYS  # the usual: plain counts
+            and set(map(type, usage.values())) <= _NUMBERS and max(map(len, usage)) <= 64):
+        return dict(usage)
     tokens = _counts(usage, nested=True)
     for ours, theirs in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
         if ours not in tokens and theirs in tokens:
