@@ -518,7 +518,7 @@ class Client:
         far. Calls started afterwards are not affected.
         """
         with self._lock:
-            for guard in self._active:
+            for guard in list(self._active):  # a copy: calls start without the lock
                 guard.cancel()
 
     def close(self) -> None:
@@ -970,20 +970,27 @@ def _checked_messages(messages: "Any", system: str) -> "List[Any]":
     if not isinstance(messages, (list, tuple)):
         raise _Failure('messages must be a list such as [{"role": "user", "content": "Hi"}],'
                        " got %s" % type(messages).__name__, "bad_request")
-    for number, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _Failure("messages[%d] must be a dict with a role, got %s"
-                           % (number, type(message).__name__), "bad_request")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise _Failure("messages[%d] has no role" % number, "bad_request")
-        content = message.get("content")
-        for part in content if isinstance(content, list) else [content]:
-            if isinstance(part, _BadPart):
-                raise _Failure("messages[%d]: %s" % (number, part.problem), "bad_request")
+    for message in messages:  # the usual one: a dict with a role, and text
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and message["role"] and isinstance(message.get("content"), str)):
+            _check_message(messages.index(message), message)
     if system and not (messages and messages[0].get("role") == "system"):
         return [{"role": "system", "content": system}] + list(messages)
     return list(messages)
+
+
+def _check_message(number: int, message: "Any") -> None:
+    """Refuse a message that is not one: no dict, no role, an image that could not be read."""
+    if not isinstance(message, dict):
+        raise _Failure("messages[%d] must be a dict with a role, got %s"
+                       % (number, type(message).__name__), "bad_request")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise _Failure("messages[%d] has no role" % number, "bad_request")
+    content = message.get("content")
+    for part in content if isinstance(content, list) else [content]:
+        if isinstance(part, _BadPart):
+            raise _Failure("messages[%d]: %s" % (number, part.problem), "bad_request")
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False)  # json.dumps makes one a call
@@ -1369,8 +1376,7 @@ class _Guard:
     def start(self) -> None:
         """Be one of the client's calls in flight, and start the deadline's timer."""
         client = self.client
-        with client._lock:
-            client._active.add(self)
+        client._active.add(self)  # cancel() goes through a copy, under the client's lock
         if client._settings.deadline:  # a timer bounds every wait, http.client's own loops too
             self.deadline_at = time.monotonic() + client._settings.deadline
             self.timer = threading.Timer(client._settings.deadline, self._expire)
@@ -1420,9 +1426,11 @@ class _Guard:
             raise _Cancelled()
 
     def attach(self, sock: "Any") -> None:
-        """Show ``sock`` to cancel() and the deadline: they shut it down to wake the call."""
-        with self.client._lock:  # cancel() reads it under the same lock
-            self.sock = sock
+        """Show ``sock`` to cancel() and the deadline: they shut it down to wake the call.
+
+        A cancel that comes before it sees no socket, and this check ends the call.
+        """
+        self.sock = sock
         self.check()
 
     def remaining(self) -> float:
