@@ -71,6 +71,8 @@ _STOP_REASONS = {
     "function_call": "tool_calls",
     "content_filter": "content_filter", "safety": "content_filter",
     "recitation": "content_filter", "prohibited_content": "content_filter",
+    # a server's own failure (OpenRouter's when a provider fails mid-reply)
+    "error": "error", "cancelled": "error", "canceled": "error", "abort": "error", "aborted": "error",
 }
 _CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "cookie", "password", "passwd", "sig",
                      "credential", "session")  # in a header or query field's name
@@ -1734,8 +1736,8 @@ class _Exchange:
         connection, self.connection = self.connection, None
         if connection is not None:
             answer, guard = self.answer, self.guard
-            if answer is not None and answer.length == 0:  # read to the end of its Content-Length,
-                answer.close()  # which http.client leaves open on some Pythons
+            if answer is not None and answer.length == 0 and answer.fp is not None:  # read to
+                answer.close()  # the end of its Content-Length, which some Pythons leave open
             finished = answer is None or answer.isclosed() and not answer.unfinished
             _checkin(self.client, connection, finished and not (self.broken or guard.halted),
                      guard.pid)
@@ -1775,10 +1777,11 @@ class _FinalResponse(http.client.HTTPResponse):
     unfinished = False  # trailers were left unread: the connection cannot be reused
 
     def _read_status(self) -> "Tuple[str, int, str]":
-        version, status, reason = super()._read_status()  # type: ignore[misc]
+        read = http.client.HTTPResponse._read_status  # type: ignore[attr-defined]
+        version, status, reason = read(self)
         while 100 <= status < 200 and status != 101:  # 101: a protocol switch, never asked for
-            http.client.parse_headers(self.fp)  # the interim response's headers, skipped
-            version, status, reason = super()._read_status()  # type: ignore[misc]
+            http.client.parse_headers(self.fp)  # skipped: an interim's
+            version, status, reason = read(self)
         return version, status, reason
 
     def _read_and_discard_trailer(self) -> None:
@@ -2414,6 +2417,7 @@ class _Assembler:
     usage = timings = None  # type: Any
     model = id = fingerprint = ""
     think = 0  # a leading <think> block: 0 maybe to come, 1 in it, 2 just past it, 3 none
+    by_index = None  # type: Optional[Dict[Any, Dict[str, Any]]]
     held = ""  # the content's start, held back while it may be (or end) a <think> block
     logprobs = None  # type: Optional[List[Any]]
     kept_logprobs = 0  # log-probability entries kept, top_logprobs included
@@ -2427,7 +2431,6 @@ class _Assembler:
         self.content = []  # type: List[str]
         self.reasoning = []  # type: List[str]
         self.builders = []  # type: List[Dict[str, Any]]
-        self.by_index = {}  # type: Dict[Any, Dict[str, Any]]  # the last builder of each index
         self.refusal = []  # type: List[str]
 
     def event(self, kind: str, payload: "Any") -> "Optional[str]":
@@ -2485,9 +2488,7 @@ class _Assembler:
         if chunk.get("error") is not None or chunk.get("object") == "error":
             raise _in_band(chunk, "the server sent an error")
         if not (self.id and self.model):  # each from the first chunk that names it
-            self.id = self.id or _string(chunk.get("id"))
-            self.model = self.model or _string(chunk.get("model"))
-            self.fingerprint = self.fingerprint or _string(chunk.get("system_fingerprint"))
+            self._names(chunk)
         usage = chunk.get("usage")
         if usage or "x_groq" in chunk:  # Groq puts it in x_groq
             self.usage = usage or _field(chunk.get("x_groq"), "usage") or self.usage
@@ -2497,7 +2498,9 @@ class _Assembler:
         if not choices or not isinstance(choices, list):
             return None
         choice = choices[0]
-        if len(choices) > 1 or not isinstance(choice, dict) \
+        if len(choices) == 1 and isinstance(choice, dict) and self.followed is _ANY:
+            self.followed = choice.get("index") or 0  # the first index seen is followed
+        elif len(choices) > 1 or not isinstance(choice, dict) \
                 or (choice.get("index") or 0) != self.followed:
             choice = self._choice(choices)  # not the usual one choice we follow
             if choice is None:
@@ -2513,6 +2516,16 @@ class _Assembler:
             self._keep_logprobs(choice["logprobs"])
         delta = choice.get(key) or choice.get("message" if key == "delta" else "delta")
         return self._take(delta, whole=key == "message") if isinstance(delta, dict) else None
+
+    def _names(self, chunk: "Dict[str, Any]") -> None:
+        """Keep the reply's id, model and fingerprint, each from the first chunk that has it."""
+        found, model, fingerprint = chunk.get("id"), chunk.get("model"), chunk.get("system_fingerprint")
+        if type(found) is str and not self.id:
+            self.id = found
+        if type(model) is str and not self.model:
+            self.model = model
+        if type(fingerprint) is str and not self.fingerprint:
+            self.fingerprint = fingerprint
 
     def _choice(self, choices: "List[Any]") -> "Optional[Dict[str, Any]]":
         """The choice with the index this reply keeps to: the first one seen."""
@@ -2640,7 +2653,7 @@ class _Assembler:
         builders = self.builders
         indexed = isinstance(index, int) and not isinstance(index, bool)
         if indexed:
-            existing = self.by_index.get(index)
+            existing = self.by_index.get(index) if self.by_index else None
             if existing is not None and not (call_id and existing["id"] and call_id != existing["id"]):
                 return existing  # else the index was reused for a new call
         elif builders and (not call_id or builders[-1]["id"] in ("", call_id)):
@@ -2650,6 +2663,8 @@ class _Assembler:
         builder = {"index": index, "id": "", "type": "", "name": "", "arguments": []}
         builders.append(builder)
         if indexed:
+            if not self.by_index:
+                self.by_index = {}  # the last builder of each index
             self.by_index[index] = builder
         return builder
 
@@ -2715,8 +2730,8 @@ class _Assembler:
             reason = "stop"  # and some say "tool_calls" when they call none
         elif reason == "stop" and self.refusal:
             reason = "refusal"  # the model declined: say so, not an empty success
-        if reason.lower() in ("error", "cancelled", "canceled", "abort", "aborted"):
-            return Response(content, "error", _one_line(_redact(  # a provider failed (OpenRouter)
+        elif reason == "error":
+            return Response(content, "error", _one_line(_redact(
                 'the server ended the reply: finish_reason "%s"' % finish, secrets)))
         return Response(content, reason)
 
@@ -2736,7 +2751,7 @@ def _warnings(notes: "Iterable[str]", body: "Dict[str, Any]", sent: int, reply: 
     as sent, ``sent`` its size in bytes, ``fingerprint`` the reply's
     ``system_fingerprint``. Each rule runs only where a cheap test says it may apply.
     """
-    said = list(notes)
+    said = list(notes) if notes else []
     if reply.stop_reason == "length" and reply.reasoning and not reply.content.strip():
         said.append("the reasoning used the whole token budget and no answer came: allow"
                     " more tokens (max_tokens)")
@@ -2745,8 +2760,11 @@ def _warnings(notes: "Iterable[str]", body: "Dict[str, Any]", sent: int, reply: 
         made, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
         if type(made) is int and ("max_tokens" in body or "max_completion_tokens" in body):
             said += _over_limit(body, made)
-        if type(prompt) is int and 2 * prompt < sent:  # each word takes two bytes of it at least
-            said += _cut_prompt(body["messages"], prompt, usage, fingerprint)
+        messages = body["messages"]
+        # the cheap test: a word takes two characters of the request at least, after the
+        # 31 of {"messages": [], "stream": false} and the 29 each message takes at least
+        if type(prompt) is int and 2 * prompt < sent - 31 - 29 * len(messages):
+            said += _cut_prompt(messages, prompt, usage, fingerprint)
     if ("tools" in body or "functions" in body) and reply.content and not reply.tool_calls:
         said += _call_as_text(reply.content, body)
     return said
