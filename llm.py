@@ -89,7 +89,7 @@ _MAX_DEPTH = 256  # JSON nested deeper than this is refused (its parsing nears t
 _SHALLOW_SIZE = 2 * _MAX_DEPTH  # JSON text no longer than this cannot nest deeper
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
 _NUMBERS = frozenset((int, float))  # what JSON numbers parse to (and no bool)
-_JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, escapes and all
+_UNMARKED = bytes(range(256)).translate(None, b'"[]{},:')  # what marks no JSON structure
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
 # what a delta may carry beside its text
 _ASIDES = frozenset(("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal"))
@@ -1231,9 +1231,13 @@ class _Call:
                 yield rest
 
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
-        text = self.exchange.read_all(answer, first).decode("utf-8", "replace")  # the bytes go now
+        data = self.exchange.read_all(answer, first)
         try:
-            reply = _json(text, self.settings.max_bytes)
+            if len(data) > _SHALLOW_SIZE:  # checked before it is decoded
+                _check_json(data, self.settings.max_bytes)
+            text = data.decode("utf-8", "replace")
+            del data  # the text alone is kept
+            reply = _loads(text)
         except _Costly as exc:
             raise _Failure(str(exc), "too_large")
         except (ValueError, RecursionError):
@@ -2262,17 +2266,9 @@ def _value_start(line: bytes) -> int:
 
 def _depth(line: bytes) -> int:
     """Brackets opened minus brackets closed in a line of JSON, outside its strings."""
-    depth = _brackets(line)
     if b'"' in line:
-        import re  # loaded by json already
-
-        for string in re.finditer(_JSON_STRING.encode(), line):
-            depth -= _brackets(string.group())
-    return depth
-
-
-def _brackets(data: bytes) -> int:
-    return data.count(b"{") + data.count(b"[") - data.count(b"}") - data.count(b"]")
+        line = b"".join(marks for _, marks in _outside_strings(line))
+    return line.count(b"{") + line.count(b"[") - line.count(b"}") - line.count(b"]")
 
 
 def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
@@ -2287,13 +2283,13 @@ def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
     if len(data) - start == 6 and data.endswith(b"[DONE]"):
         return _DONE
     try:
-        if len(data) > _CHECKED_SIZE:  # check before decoding, and decode with no copy
-            _check_cost(data, budget)
+        if len(data) > _SHALLOW_SIZE:  # checked before it is decoded, and decoded with no copy
+            _check_json(data, budget)
             text = str(memoryview(data)[start:], "utf-8", "replace")
         else:
             text = data[start:].decode("utf-8", "replace")
         del data
-        return _json(text, budget)
+        return _loads(text)
     except _Costly as exc:
         return {"error": str(exc)}
     except (ValueError, RecursionError):
@@ -2305,17 +2301,16 @@ class _Costly(ValueError):
 
 
 def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
-    """``json.loads(text)``, quicker for plain objects and safe from huge integers.
-
-    Long text is parsed only when its objects fit in memory, and any text only
-    when nested at most ``_MAX_DEPTH`` deep: ``_Costly`` else.
-    """
+    """``json.loads(text)``, when the text is not too costly to parse (``_check_json``)."""
     if len(text) > _SHALLOW_SIZE:  # room for nesting too deep
-        if len(text) > _CHECKED_SIZE:
-            _check_cost(text, budget)
-        _check_depth(text)
-        if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
-            return json.loads(text, parse_int=_int)
+        _check_json(text.encode("utf-8", "surrogatepass"), budget)
+    return _loads(text)
+
+
+def _loads(text: str) -> "Any":
+    """``json.loads(text)``, quicker for plain objects and safe from huge integers."""
+    if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
+        return json.loads(text, parse_int=_int)
     try:
         value, end = _raw_decode(text)  # no whitespace scans around it, as json.loads has
         if end == len(text):
@@ -2325,64 +2320,61 @@ def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
     return json.loads(text)  # surrounding space, trailing text, not JSON: json.loads decides
 
 
-def _check_cost(text: "Union[str, bytes]", budget: int) -> None:
-    """Refuse JSON whose values would take more than about 3 * budget bytes of memory.
+def _check_json(data: bytes, budget: int) -> None:
+    """Refuse JSON text too costly to parse (``_Costly``): too many values, or too deep.
 
-    The text and the strings parsed from it cost about twice its length (up to
-    four bytes a character where Python stores text wide, as one emoji makes it:
-    ordinary text up to the budget is always read); each other value (a tiny
-    ``{}`` costs 64 bytes and more) at most _VALUE_COST. Every value but the
-    first follows a ``,``, ``:``, ``[`` or ``{``, or is a string: counting those
-    bounds the values, first in the whole text, then (for text with many such
-    characters inside its strings) token by token, stopping as soon as there
-    are too many.
+    Values: the text and the strings parsed from it cost about twice its length
+    (up to four bytes a character where Python stores text wide, as one emoji
+    makes it: ordinary text up to the budget is always read), each other value
+    (a tiny ``{}`` costs 64 bytes and more) at most ``_VALUE_COST``: text longer
+    than ``_CHECKED_SIZE`` may hold as many as about 3 * budget bytes allow.
+    Depth: the decoder recurses once per level, and near Python's recursion
+    limit CPython 3.6 to 3.8 aborts the whole process (when a gc callback or a
+    finalizer runs there) instead of raising RecursionError.
+
+    Every value but the first follows a ``,``, ``:``, ``[`` or ``{``, or is a
+    string: when counting those in the whole text may find too many, or too
+    many brackets, they are counted outside the strings, and the brackets followed.
     """
-    allowed = max(0, 3 * budget - 2 * len(text)) // _VALUE_COST
-    marks = (",", ":", "[", "{", '"') if isinstance(text, str) else (b",", b":", b"[", b"{", b'"')
-    counts = [text.count(mark) for mark in marks]  # type: ignore[arg-type]
-    if sum(counts[:4]) + counts[4] // 2 <= allowed:
+    size = len(data)
+    allowed = max(0, 3 * budget - 2 * size) // _VALUE_COST if size > _CHECKED_SIZE else size
+    opened = data.count(b"[") + data.count(b"{")
+    if (opened <= _MAX_DEPTH and opened + data.count(b",") + data.count(b":")
+            + data.count(b'"') // 2 <= allowed):
         return
-    import re  # loaded by json already
-    from itertools import islice
+    from itertools import accumulate, chain
 
-    pattern = _JSON_STRING + r"|[,:\[{]"
-    tokens = re.finditer(pattern if isinstance(text, str) else pattern.encode(), text)  # type: ignore
-    values = 0
-    for values, _ in enumerate(islice(tokens, allowed + 1), 1):
-        pass
-    if values > allowed:
-        raise _Costly("the reply is JSON of more than %d values in %d bytes: too many to parse"
-                      " within max_bytes (%d bytes)" % (allowed, len(text), budget))
+    quotes = values = depth = 0
+    for found, marks in _outside_strings(data):
+        quotes += found
+        values += len(marks) - marks.count(b"]") - marks.count(b"}")
+        if values + quotes // 2 > allowed:
+            raise _Costly("the reply is JSON of more than %d values in %d bytes: too many to"
+                          " parse within max_bytes (%d bytes)" % (allowed, size, budget))
+        if opened > _MAX_DEPTH:  # the deepest level so far, the opening brackets less "["s
+            brackets = marks.translate(bytes.maketrans(b"{}", b"[]"), b",:")
+            if max(accumulate(chain((depth,), map((92).__sub__, brackets)))) > _MAX_DEPTH:
+                raise _Costly("the reply is JSON nested more than %d deep: too deep to parse"
+                              % _MAX_DEPTH)
+            depth += 2 * brackets.count(b"[") - len(brackets)
 
 
-def _check_depth(text: str) -> None:
-    """Refuse JSON nested more than ``_MAX_DEPTH`` deep; brackets in strings do not count.
+def _outside_strings(data: bytes) -> "Iterator[Tuple[int, bytes]]":
+    """JSON text a block at a time: its quotes, and its commas, colons and brackets that
+    lie outside strings.
 
-    The decoder recurses once per level. Near Python's recursion limit, CPython
-    3.6 to 3.8 aborts the whole process when anything runs Python code there (a
-    gc callback, a finalizer) instead of raising RecursionError. The work is
-    linear: a few passes in C over the text, then over the brackets of levels
-    below the first 32, where ordinary JSON has none.
+    In C, in time linear in the text and memory bounded: escaped backslashes and
+    quotes mark nothing; each block keeps only quotes and marks, then splits at
+    its quotes, knowing from the blocks before whether it starts inside a string.
     """
-    if text.count("[") + text.count("{") <= _MAX_DEPTH:
-        return
-    from itertools import accumulate
-
-    marks = text.encode("utf-8", "surrogatepass")
-    if b"\\" in marks:  # escaped backslashes and quotes mark nothing
-        marks = marks.replace(b"\\\\", b"").replace(b'\\"', b"")
-    # only the quotes and brackets, every opening bracket a "[" and every closing one a "]"
-    marks = marks.translate(bytes.maketrans(b"{}", b"[]"), bytes(range(256)).translate(None, b'"[]{}'))
-    brackets = b"".join(marks.replace(b'""', b"").split(b'"')[::2])  # those outside strings
-    depth = 0
-    while brackets and depth < 32:  # each round takes the innermost level away
-        inner = brackets.replace(b"[]", b"")
-        if len(inner) == len(brackets):
-            break
-        brackets, depth = inner, depth + 1
-    # what is left: deeper levels, or "]]][[[" when not JSON
-    if depth + max(accumulate(map((92).__sub__, brackets)), default=0) > _MAX_DEPTH:  # "[" is 91
-        raise _Costly("the reply is JSON nested more than %d deep: too deep to parse" % _MAX_DEPTH)
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    inside = 0
+    for at in range(0, len(data), 65536):
+        marks = data[at:at + 65536].translate(None, _UNMARKED)
+        quotes = marks.count(b'"')
+        yield quotes, b"".join(marks.replace(b'""', b"").split(b'"')[inside::2])
+        inside = (inside + quotes) % 2
 
 
 def _int(digits: str) -> "Any":

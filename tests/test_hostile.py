@@ -562,6 +562,31 @@ class HostileServerTest(HostileCase):
                     break
         assert_linear(self, feed, 15, 60)  # 15,000 lines, 60,000
 
+    # found: the strings in JSON text were found with a regular expression that, at a quote
+    # opening a string that never closes, read to the end of the text, failed, and tried
+    # again at the next quote: a run of escaped quotes (\"\"\"...) cost time quadratic in
+    # its length, in the decoder's bracket count (a 40 KB line: 20 s of CPU) and in the cost
+    # check of a long whole reply, past any deadline
+    def test_escaped_quotes_in_a_string_that_never_closes_cost_linear_time(self):
+        def feed(count):
+            decoder = llm._SSEDecoder()
+            decoder.feed(b'data: {"a": "' + b'\\"' * count + b"\n")
+            decoder.feed(b"data: }\n\n")
+        assert_linear(self, feed, 2500, 10000)
+
+        def whole(count):
+            body = b'{"choices": [{"message": {"content": "hi"}}], "junk": ' + b" " * 70000 \
+                + b'"' + b'\\"' * count
+            client = self.client(self.serve([head(200, "application/json", chunked=False,
+                                                  length=len(body)) + body]),
+                                 max_bytes=len(body) + 100)
+            responses.append(client.chat(HI))
+        responses = []
+        assert_linear(self, whole, 2500, 10000)
+        for response in responses:  # a string cut short: no JSON
+            check_response(self, response)
+            self.assertEqual(response.error_kind, "invalid_reply")
+
     def test_redirects_to_another_host_are_not_followed_and_the_key_stays_home(self):
         other = self.serve(answer(message("from the other host")))
         for status in (301, 302, 303, 307, 308):
@@ -1333,21 +1358,22 @@ class BoundedWorkTest(HostileCase):
     # parsed again at every line
     def test_each_data_line_is_parsed_at_most_twice(self):
         parsed = []
-        real_json = llm._json
+        real_loads = llm._loads
 
-        def counting(text, *args):
+        def counting(text):
             parsed.append(len(text))
-            return real_json(text, *args)
+            return real_loads(text)
         bodies = {"lines ending in }": b"".join(b"data: x%04d}\n" % n for n in range(64)) + b"\n",
                   "deep brackets": b"data: {\n" + b"data: [1, 2]}\n" * 63 + b"\n",
                   "no JSON": b"data: {]\n" * 64 + b"\n",
                   "one pretty JSON": b'data: {\n' + b'data: "a": [1,\n' * 31 + b'data: 1' + b']' * 31
                   + b'}\n\n'}
         for name, body in bodies.items():
-            with self.subTest(name), mock.patch.object(llm, "_json", counting):
+            with self.subTest(name), mock.patch.object(llm, "_loads", counting):
                 del parsed[:]
                 stream = body * 50
                 llm._SSEDecoder().feed(stream)
+                self.assertTrue(parsed, name)
                 self.assertLessEqual(sum(parsed), 2 * len(stream), name)
 
     def test_trailer_lines_without_end_are_bounded_and_the_reply_stands(self):
