@@ -17,17 +17,8 @@ License: MIT
 """
 
 __version__ = "0.1.0"
-__all__ = [
-    "Client",
-    "Message",
-    "Response",
-    "SSEWriter",
-    "Stream",
-    "ToolCall",
-    "chat",
-    "chat_stream",
-    "image",
-]
+__all__ = ["Client", "Message", "Response", "SSEWriter", "Stream", "ToolCall", "chat",
+           "chat_stream", "image"]
 
 import base64
 import http.client
@@ -562,30 +553,23 @@ class Client:
 class _Settings:
     """A client's settings, decided once when it is made: calls read them, never change them.
 
-    ``problem`` says why every call fails ("" when the arguments were good);
-    ``scheme``, ``host``, ``port``: the server; ``chat_path`` and ``models_path``:
-    its paths, as a user checks them; ``chat_target`` and ``models_target``: what
-    the request line carries (the absolute URL, through a proxy); ``proxy``: the
-    proxy's (host, port), or None, and ``tunnel_headers`` its CONNECT headers;
-    ``api_key``; ``secrets``: every form in which a secret may come back;
-    ``stream_headers``, ``plain_headers``: each kind of request's headers, and
-    ``stream_lines``, ``plain_lines`` the same as the lines they are sent as
-    (checked once: http.client checks each header of each request again);
-    ``skips``: the headers of http.client's own that the caller gave; the rest
-    as the :class:`Client`'s arguments say.
+    The :class:`Client`'s arguments, checked, and what follows from them.
     """
 
-    problem = base_url = model = system = api_key = scheme = host = ""
-    chat_path = models_path = chat_target = models_target = ""
+    problem = ""  # why every call fails; "" when the arguments were good
+    base_url = model = system = api_key = scheme = host = ""
+    chat_path = models_path = ""  # the server's paths, as a user checks them
+    chat_target = models_target = ""  # what the request line carries: through a proxy, the URL
     port = retries = 0
     connect_timeout, read_timeout = _DEFAULT_TIMEOUT
     deadline = 0.0
     max_bytes = _MAX_BYTES
     verify, ca_file = True, None  # type: bool, Optional[str]
-    params = stream_headers = plain_headers = tunnel_headers = skips = {}  # type: Dict[str, Any]
-    stream_lines = plain_lines = []  # type: List[bytes]
+    params = tunnel_headers = skips = {}  # type: Dict[str, Any]  # skips: http.client's own
+    stream_headers = plain_headers = {}  # type: Dict[str, str]  # each kind of request's, and
+    stream_lines = plain_lines = []  # type: List[bytes]  # as lines, checked once (not per call)
     proxy = None  # type: Optional[Tuple[str, int]]
-    secrets = []  # type: List[str]
+    secrets = []  # type: List[str]  # every form in which a secret may come back
     stream_usage = think_tags = True
     tracer = None  # type: Optional[_Tracer]
 
@@ -699,12 +683,9 @@ def _base_url_from(environ: "Any") -> str:
 
 
 def _environment_key(environ: "Any", origin: "Tuple[str, str, int]") -> str:
-    """The environment's API key for a server at ``origin`` (scheme, host, port).
-
-    Each key goes only to the server the environment pairs it with:
-    ``LLM_API_KEY`` to the base URL the environment names, ``OPENAI_API_KEY``
-    to ``OPENAI_BASE_URL`` (or OpenAI itself when that is unset).
-    """
+    """The environment's API key for a server at ``origin`` (scheme, host, port): each key
+    only for its pair, ``LLM_API_KEY`` the environment's base URL, ``OPENAI_API_KEY``
+    ``OPENAI_BASE_URL`` (or OpenAI itself when that is unset)."""
     pairs = (("LLM_API_KEY", _base_url_from(environ)),
              ("OPENAI_API_KEY", environ.get("OPENAI_BASE_URL") or "https://api.openai.com"))
     for name, url in pairs:
@@ -812,11 +793,10 @@ def _is_credential(name: str) -> bool:
 def _secret_forms(values: "List[str]") -> "List[str]":
     """Every form in which these secrets may come back in a server's words, longest first.
 
-    Each value whole, its words, or only the credential after an auth scheme
-    (``Bearer <token>``); the values of ``name=value`` pairs; the user and
-    password inside ``Basic`` credentials; each of those JSON-escaped and
-    percent-encoded. Forms shorter than 4 characters are left out: they would
-    match ordinary words.
+    Each value whole, its words, or the credential after an auth scheme (``Bearer
+    <token>``); the values of ``name=value`` pairs; the user and password of ``Basic``
+    credentials; each also JSON-escaped and percent-encoded; none shorter than 4
+    characters, which would match ordinary words.
     """
     found = set()
     for value in values:
@@ -942,12 +922,9 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
 
 
 def _is_loopback(host: str) -> bool:
-    """Whether host is this machine: localhost names, or a loopback address in any form.
-
-    Addresses as the resolver reads them: ``[::ffff:127.0.0.1]``,
-    ``0:0:0:0:0:0:0:1``, and the legacy ``127.1``, ``2130706433``,
-    ``0x7f000001``; a name such as ``127.0.0.1.nip.io`` is no address.
-    """
+    """Whether host is this machine: localhost names, or a loopback address in any form the
+    resolver reads (``[::ffff:127.0.0.1]``, ``0:0:0:0:0:0:0:1``, ``127.1``, ``2130706433``,
+    ``0x7f000001``); a name such as ``127.0.0.1.nip.io`` is no address."""
     import ipaddress
 
     host = host.lower().rstrip(".")
@@ -1015,11 +992,8 @@ def _encode(body: "Dict[str, Any]") -> bytes:
 
 
 class _Failure(Exception):
-    """What went wrong, as the one line that ``Response.error`` will carry, and its kind.
-
-    ``kind`` is one of ``Response.error_kind``'s values; ``overflow`` the numbers a
-    server gave with a context overflow.
-    """
+    """What went wrong, as the one line ``Response.error`` will carry; ``kind``: its
+    ``error_kind``; ``overflow``: the numbers a server gave with a context overflow."""
 
     def __init__(self, message: str, kind: str, retryable: bool = False,
                  overflow: "Optional[Dict[str, int]]" = None) -> None:
@@ -1037,12 +1011,10 @@ class _Cancelled(_Failure):
 class _Call:
     """One call: its exchange with the server, fed to an assembler, and its result.
 
-    Nothing escapes it: ``answer()`` returns a whole reply's :class:`Response`,
-    ``pieces()`` yields a stream's text as it comes, and ``listing()`` the
-    models; whatever goes wrong ends up in ``error`` and ``kind``, next to what
-    had arrived, decided once at the one boundary they share. The HTTP is the
-    :class:`_Exchange`'s, the deadline and cancel the :class:`_Guard`'s, and what
-    the reply means the :class:`_Assembler`'s.
+    Nothing escapes it: ``answer()``, ``pieces()`` (a stream's text as it comes) and
+    ``listing()`` share one boundary, where whatever went wrong is decided once, next
+    to what had arrived. The HTTP is the :class:`_Exchange`'s, the deadline and cancel
+    the :class:`_Guard`'s, and what the reply means the :class:`_Assembler`'s.
     """
 
     # where each call starts (set on the instance as the call goes)
@@ -1065,27 +1037,18 @@ class _Call:
 
     def answer(self, messages: "Any", params: "Dict[str, Any]") -> Response:
         """A whole reply (``chat()``)."""
-        try:
-            self._begin()
+        with self:
             answer, first, events = self._send(messages, params)
             if events:  # a server that streams what was asked whole
                 for _ in self._read_events(answer, first):
                     pass
             else:
                 self._take_whole(answer, first)
-        except Exception as exc:
-            self._fail(exc)
-        except BaseException:  # KeyboardInterrupt: a half-read reply, its connection unusable
-            self.exchange.abandon()
-            raise
-        finally:
-            self._end()
         return self.response()
 
     def pieces(self, messages: "Any", params: "Dict[str, Any]") -> "Generator[str, None, None]":
         """A streamed reply: its text as it comes (``chat_stream()`` and ``stream()``)."""
-        try:
-            self._begin()
+        with self:
             answer, first, events = self._send(messages, params)
             if events:
                 for piece in self._read_events(answer, first):
@@ -1094,57 +1057,46 @@ class _Call:
                 text = self._take_whole(answer, first)
                 if text:
                     yield text
-        except Exception as exc:
-            self._fail(exc)
-        except BaseException:  # KeyboardInterrupt, or the consumer closed us mid-reply
-            self.exchange.abandon()
-            self.cancelled = self.guard.cancelled  # Stream.close() cancels, then closes us
-            raise
-        finally:
-            self._end()
 
     def listing(self) -> "List[str]":
         """``GET .../models``: the model ids (none when the call failed)."""
-        try:
-            self._begin()
+        with self:
+            self._check_settings()
             return _model_ids(self._read_json(self.exchange.request(None), b""))
-        except Exception as exc:
-            self._fail(exc)
-        except BaseException:
-            self.exchange.abandon()
-            raise
-        finally:
-            self._end()
         return []
 
-    def _begin(self) -> None:
+    def __enter__(self) -> None:
         self.started = time.monotonic()
-        if self.settings.problem:
-            raise _Failure(self.settings.problem, "bad_request")
         self.guard.start()
 
-    def _fail(self, exc: Exception) -> None:
-        """Decide, once, how the call ended: cancelled, past its deadline, or failed.
-
-        Whatever failed after a cancel or the deadline (a socket they shut down) is theirs.
-        """
+    def __exit__(self, kind: "Any", exc: "Any", traceback: "Any") -> bool:
+        """The call's one boundary: decide, once, how it ended, and let nothing but an
+        interrupt (or a stream's consumer closing it) escape."""
+        self.seconds = time.monotonic() - self.started
         guard = self.guard
-        if guard.expired:
+        guard.stop()
+        if exc is None:
+            pass
+        elif guard.expired:  # whatever failed after the deadline or a cancel is theirs
             self.error, self.kind = "deadline of %gs exceeded" % self.settings.deadline, "timeout"
         elif guard.cancelled:
             self.cancelled = True
         elif isinstance(exc, _Failure):
             self.error, self.kind, self.overflow = str(exc), exc.kind, exc.overflow
-        else:  # the one boundary: a surprise becomes an error response
+        elif isinstance(exc, Exception):  # a surprise becomes an error response
             self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
-
-    def _end(self) -> None:
-        self.seconds = time.monotonic() - self.started
-        self.guard.stop()
+        else:  # KeyboardInterrupt, or closed mid-reply: the connection is unusable
+            self.exchange.abandon()
         self.exchange.release()
+        return isinstance(exc, Exception)
+
+    def _check_settings(self) -> None:
+        if self.settings.problem:
+            raise _Failure(self.settings.problem, "bad_request")
 
     def _send(self, messages: "Any", params: "Dict[str, Any]") -> "Tuple[Any, bytes, bool]":
         """Send the messages: the answer, its first bytes read, and whether it is a stream."""
+        self._check_settings()
         exchange, client = self.exchange, self.client
         body = self.body = client._body(messages, params, exchange.stream)
         for refused in client._refused:  # this server's known refusals, adjusted in advance
@@ -1175,10 +1127,8 @@ class _Call:
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
         """A stream's events, read by read; the text of each, as it comes.
 
-        Most events are a chunk of one content delta in a read of its own, each in
-        the same envelope but for its text: once the general path has taken one
-        such event, and the envelope is known to hold nothing else (see
-        ``_Envelope``), the next ones are taken at once, with the same outcome.
+        Once the general path has taken an event that held one content delta alone,
+        the next ones in the same envelope (``_Envelope``) are taken at once.
         """
         exchange, assembler, guard = self.exchange, self.assembler, self.guard
         decoder = _SSEDecoder(self.settings.max_bytes)
@@ -1287,14 +1237,11 @@ def _first_event(data: bytes) -> "Tuple[bytes, bytes]":
 class _Envelope:
     """The bytes around the text of one content-only event, to take the next ones at once.
 
-    A read that is ``envelope.prefix``, a JSON string, then ``envelope.suffix``
-    is an event that says what the one the envelope was learned from said, with
-    that string for its text: JSON strings are single tokens, and the learning
-    checked, by parsing a probe, that the string sits where the text of the
-    delta does. That event, taken by the general path, added its text to the
-    content and did nothing else (no id or model to learn, no usage, no finish,
-    no reasoning or tool call, no log-probabilities); so does the next. Only
-    events of at most ``_SHALLOW_SIZE`` bytes, which the JSON checks pass by.
+    An event that is ``prefix``, a JSON string, then ``suffix`` says what the one it
+    was learned from said (a probe in the string's place, parsed, was the delta's
+    text): that event only added its text to the content (no id or model to learn,
+    no usage, finish, reasoning, tool call or log-probabilities), and so does the
+    next. Only events of at most ``_SHALLOW_SIZE`` bytes, which the JSON checks pass by.
     """
 
     __slots__ = ("prefix", "suffix", "at", "end")
@@ -1359,11 +1306,10 @@ class _Envelope:
 class _Guard:
     """A call's deadline and cancel: they wake the call wherever it waits.
 
-    ``cancel()`` (from any thread, under the client's lock) and the deadline's
-    timer shut down the socket the call uses, which wakes a connect, a TLS
-    handshake or a read blocked in another thread; a pause before a retry waits
-    on an event they set. A socket is only ever shut down by the process that
-    opened it: after a ``fork()`` the parent's are not the child's to touch.
+    ``cancel()`` (from any thread, under the client's lock) and the deadline's timer
+    shut down the call's socket, which wakes a connect, a TLS handshake or a read, or
+    set the event a pause before a retry waits on. Only the process that opened a
+    socket shuts it down: after a ``fork()`` the parent's are not the child's.
     """
 
     # where each guard starts
@@ -1400,11 +1346,8 @@ class _Guard:
             self.stopped = True
 
     def cancel(self) -> None:
-        """Mark the call cancelled and wake it (called under the client's lock).
-
-        A call that is over keeps its outcome: closing a stream that has ended
-        (whole, or failed) changes nothing.
-        """
+        """Mark the call cancelled and wake it (under the client's lock); a call that is
+        over keeps its outcome (closing a stream that has ended changes nothing)."""
         if not self.stopped:
             self.cancelled = self.halted = True
             self._wake_up()
@@ -1426,16 +1369,14 @@ class _Guard:
                 pass
 
     def check(self) -> None:
-        """End the call here when it was cancelled or its deadline passed (the one place
-        that says so: the call's boundary tells which)."""
+        """End the call here when it was cancelled or its deadline passed (the call's
+        boundary tells which)."""
         if self.halted:
             raise _Cancelled()
 
     def attach(self, sock: "Any") -> None:
-        """Show ``sock`` to cancel() and the deadline: they shut it down to wake the call.
-
-        A cancel that comes before it sees no socket, and this check ends the call.
-        """
+        """Show ``sock`` to cancel() and the deadline, to shut down (a cancel that came
+        before it saw no socket: this check ends the call)."""
         self.sock = sock
         self.check()
 
@@ -1496,9 +1437,8 @@ class _Guard:
 class _Exchange:
     """The HTTP of one call: a connection, the request and its retries, the answer's bytes.
 
-    The connection comes from the client's pool and goes back to it only after
-    a whole final answer, when nothing went wrong. Every read ends at a cancel
-    or the deadline, and no body is read past ``max_bytes``.
+    The connection goes back to the client's pool only after a whole final answer.
+    Every read ends at a cancel or the deadline, and none goes past ``max_bytes``.
     """
 
     # where each exchange starts (set on the instance as it goes)
@@ -1673,13 +1613,9 @@ class _Exchange:
         return "events", first
 
     def read(self, answer: "http.client.HTTPResponse", whole: bool = False) -> bytes:
-        """Read what is there (at most one buffer), as soon as anything is; count it.
-
-        A cancel or the deadline ends the call here too, so that data that keeps
-        coming (or is already buffered) cannot keep it busy past either; and no
-        body is read past ``max_bytes``, whatever its framing: the one place that
-        counts.
-        """
+        """Read what is there (at most one buffer), as soon as anything is; count it (the one
+        place that counts, whatever the framing, against ``max_bytes``). A cancel or the
+        deadline ends the call here too: data that keeps coming cannot keep it busy."""
         if self.guard.halted:
             self.guard.check()
         try:
@@ -1732,11 +1668,8 @@ class _Exchange:
         self.broken = True
 
     def release(self) -> None:
-        """Give the connection back for reuse when its answer was read whole, else close it.
-
-        Whole: read to its end, trailers and all, with no cancel or deadline since
-        (a read they cut leaves the answer open).
-        """
+        """Give the connection back for reuse when its answer was read whole (to its end,
+        trailers and all, with no cancel or deadline since), else close it."""
         connection, self.connection = self.connection, None
         if connection is not None:
             answer, guard = self.answer, self.guard
@@ -1770,13 +1703,9 @@ class _Handshake:
 
 
 class _FinalResponse(http.client.HTTPResponse):
-    """http.client's response, read as a call needs it.
-
-    It skips every interim (1xx) response, not only ``100 Continue``: RFC 9110
-    asks clients to accept any number of them (``102 Processing``, ``103 Early
-    Hints``) before the final one, and taking one as the answer would leave the
-    real answer in the socket, to be read as the next call's. It also bounds trailers.
-    """
+    """http.client's response, read as a call needs it: trailers bounded, and every interim
+    (1xx) response skipped, not only ``100 Continue`` (RFC 9110: any number may come
+    before the final one, which would else be left in the socket for the next call)."""
 
     unfinished = False  # trailers were left unread: the connection cannot be reused
 
@@ -1789,12 +1718,9 @@ class _FinalResponse(http.client.HTTPResponse):
         return version, status, reason
 
     def _read_and_discard_trailer(self) -> None:
-        """Skip the trailer lines after the last chunk, ``_MAX_TRAILERS`` bytes at most.
-
-        http.client reads them without end (and refuses a long line, after a body
-        that was whole). More, or a failure while reading them, leaves the body as
-        it came: whole, with a connection that is not reused.
-        """
+        """Skip the trailer lines after the last chunk, ``_MAX_TRAILERS`` bytes at most (not
+        without end, as http.client does); more, or a failure, leaves the body whole and
+        the connection not reused."""
         left = _MAX_TRAILERS
         try:
             while left > 0:
@@ -1811,12 +1737,9 @@ class _FinalResponse(http.client.HTTPResponse):
 
 
 def _checkout(client: Client, pid: int) -> "http.client.HTTPConnection":
-    """This thread's idle connection, or a new one (calls may overlap in a thread).
-
-    An idle connection is reused only in the process that opened it, and only
-    when the server has neither closed it nor sent anything since the last
-    answer (stray bytes would be read as the next call's answer).
-    """
+    """This thread's idle connection, reused only in the process that opened it and when the
+    server has neither closed it nor sent anything since (stray bytes would be read as the
+    next call's answer); else a new one (calls may overlap in a thread)."""
     slot = getattr(client._local, "slot", None)  # type: Optional[_Slot]
     if slot is not None and slot.connection is not None:
         connection, slot.connection = slot.connection, None
@@ -1841,11 +1764,8 @@ def _checkin(client: Client, connection: "http.client.HTTPConnection", reusable:
 
 
 class _Slot:
-    """A thread's idle connection, closed when the thread ends.
-
-    ``pid`` is the process that opened it: after a ``fork()`` the child has a
-    copy of the slot, and must never read from nor shut down its parent's socket.
-    """
+    """A thread's idle connection, closed when the thread ends; ``pid``: the process that
+    opened it (a ``fork()``'s child never reads from nor shuts down its parent's socket)."""
 
     __slots__ = ("connection", "pid")
 
@@ -1968,9 +1888,8 @@ class _Appending:
 class _Tracer:
     """A client's trace: what goes over the wire, one line at a time, every secret hidden.
 
-    Lines go to ``out`` from a thread of their own through a bounded queue, so that
-    a writer that raises or blocks can neither break nor hang a call: lines that
-    find the queue full are dropped, and counted.
+    Lines go to ``out`` from a thread of their own through a bounded queue: a writer
+    that raises or blocks neither breaks nor hangs a call (lines dropped are counted).
     """
 
     def __init__(self, out: "Any", secrets: "List[str]") -> None:
@@ -2138,19 +2057,15 @@ def _hidden(text: str, secrets: "List[str]") -> str:
 class _SSEDecoder:
     """Server-sent events, incrementally: bytes in, ``(event type, payload)`` out.
 
-    As https://html.spec.whatwg.org/multipage/server-sent-events.html says:
-    lines end in CRLF, LF or CR (a CRLF may be split across two reads); a
-    leading BOM is dropped; ``data:`` lines join with LF; ``:`` comments and
-    ``id:``/``retry:`` fields are ignored; a blank line ends an event. Lines are
-    split as bytes and decoded whole, so that a character split across reads
-    stays whole and U+2028 inside JSON is no line end.
-
-    The payload is the data parsed as JSON (``_DONE`` for ``[DONE]``; the text
-    when it is not JSON). An event's first data line that is a whole JSON value
-    is taken at once, so that servers which end events with a single newline
-    still stream; a longer event waits for its blank line, so that no line is
-    parsed more than twice. One field beyond the spec: an ``error:`` line
-    (older llama.cpp builds) is an ``error`` event of its own.
+    As https://html.spec.whatwg.org/multipage/server-sent-events.html says: lines end
+    in CRLF, LF or CR (a CRLF may be split across reads); a leading BOM is dropped;
+    ``data:`` lines join with LF; comments, ``id:`` and ``retry:`` are ignored; a blank
+    line ends an event. Lines are split as bytes and decoded whole (a character split
+    across reads stays whole; U+2028 in JSON ends no line). The payload is the data
+    parsed as JSON (``_DONE`` for ``[DONE]``; the text when it is not JSON); data that
+    completes a JSON value is taken at once, so that servers which end events with one
+    newline still stream, and no line is parsed more than twice. Beyond the spec, an
+    ``error:`` line (older llama.cpp) is an ``error`` event of its own.
     """
 
     def __init__(self, budget: int = _MAX_BYTES) -> None:
@@ -2232,15 +2147,10 @@ class _SSEDecoder:
                     events.append(("error", _payload([b"data:" + value], False, self._budget)))
         return events
 
-
     def _complete(self, data: "List[bytes]") -> "Any":
-        """The event's data as JSON if its last line completes a JSON value, else None.
-
-        A value is complete where its brackets first balance: the data is parsed
-        there and nowhere else (one try per event), so that no line is parsed
-        twice. JSON strings hold no line break, so each line's brackets are
-        counted once, outside its strings.
-        """
+        """The event's data as JSON if its last line completes a JSON value, else None: it
+        is tried where its brackets first balance (each line's counted once, outside
+        its strings, which hold no line break), and nowhere else."""
         line = data[-1]
         if len(data) == 1:
             if line.endswith((b"}", b"]")):  # the usual event: one line of JSON
@@ -2272,10 +2182,8 @@ def _depth(line: bytes) -> int:
 
 
 def _payload(lines: "List[bytes]", eager: bool, budget: int) -> "Any":
-    """An event's data parsed as JSON; when it is not JSON, None if eager, else the text.
-
-    Data too costly to parse (see ``_json``) is an ``{"error": ...}`` of its own.
-    """
+    """An event's data parsed as JSON; when it is not JSON, None if eager, else the text;
+    data too costly to parse (``_check_json``) is an ``{"error": ...}`` of its own."""
     if len(lines) == 1:
         data, start = lines[0], _value_start(lines[0])
     else:
@@ -2323,18 +2231,14 @@ def _loads(text: str) -> "Any":
 def _check_json(data: bytes, budget: int) -> None:
     """Refuse JSON text too costly to parse (``_Costly``): too many values, or too deep.
 
-    Values: the text and the strings parsed from it cost about twice its length
-    (up to four bytes a character where Python stores text wide, as one emoji
-    makes it: ordinary text up to the budget is always read), each other value
-    (a tiny ``{}`` costs 64 bytes and more) at most ``_VALUE_COST``: text longer
-    than ``_CHECKED_SIZE`` may hold as many as about 3 * budget bytes allow.
-    Depth: the decoder recurses once per level, and near Python's recursion
-    limit CPython 3.6 to 3.8 aborts the whole process (when a gc callback or a
-    finalizer runs there) instead of raising RecursionError.
-
-    Every value but the first follows a ``,``, ``:``, ``[`` or ``{``, or is a
-    string: when counting those in the whole text may find too many, or too
-    many brackets, they are counted outside the strings, and the brackets followed.
+    Values: the text and its strings cost about twice its length (four bytes a
+    character where Python stores text wide: ordinary text up to the budget is always
+    read), each other value (a ``{}``: 64 bytes and more) up to ``_VALUE_COST``: text
+    longer than ``_CHECKED_SIZE`` holds as many as 3 * budget bytes allow. Depth: near
+    the recursion limit CPython 3.6 to 3.8 aborts the whole process (when a gc callback
+    or a finalizer runs) instead of raising RecursionError. Every value but the first
+    follows a ``,``, ``:``, ``[`` or ``{``, or is a string: when the whole text may hold
+    too many of them, or of brackets, they are counted outside its strings.
     """
     size = len(data)
     allowed = max(0, 3 * budget - 2 * size) // _VALUE_COST if size > _CHECKED_SIZE else size
@@ -2360,13 +2264,9 @@ def _check_json(data: bytes, budget: int) -> None:
 
 
 def _outside_strings(data: bytes) -> "Iterator[Tuple[int, bytes]]":
-    """JSON text a block at a time: its quotes, and its commas, colons and brackets that
-    lie outside strings.
-
-    In C, in time linear in the text and memory bounded: escaped backslashes and
-    quotes mark nothing; each block keeps only quotes and marks, then splits at
-    its quotes, knowing from the blocks before whether it starts inside a string.
-    """
+    """JSON text a block at a time: its quotes, and its commas, colons and brackets outside
+    strings, in C, in linear time and bounded memory (escaped backslashes and quotes
+    mark nothing; a block starts inside a string when the quotes before it are odd)."""
     if b"\\" in data:
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     inside = 0
@@ -2387,17 +2287,12 @@ def _int(digits: str) -> "Any":
 class _Assembler:
     """What a server's reply means: its parsed chunks (or the whole reply) in, text out.
 
-    ``event()`` takes each event of a stream, as the SSE decoder gives it, and
-    ``whole()`` a whole reply's JSON object; each returns the text it adds.
-    ``check()`` and ``ended()`` say whether what came is a reply at all, and
-    ``response()`` gives the :class:`Response`. No sockets, no clock, no locks:
-    every rule about what servers mean lives here, and nowhere else. Stop
-    reasons are read in any server's spelling; with ``n > 1`` one choice is
-    followed; tool calls come in pieces keyed by index, whole, or in the older
-    ``function_call`` shape, at most ``_MAX_TOOL_CALLS`` of them; reasoning
-    comes as ``reasoning_content`` or ``reasoning``; usage wherever a server
-    puts it; log-probabilities within ``max_bytes``; and failures sent
-    in-band, whatever their shape, are errors.
+    ``event()`` takes a stream's events, ``whole()`` a whole reply, each returning the
+    text it adds; ``check()`` and ``ended()`` say whether what came is a reply at all;
+    ``response()`` makes the :class:`Response`. No sockets, no clock, no locks: every
+    rule about what servers mean lives here (stop reasons in any spelling, one choice
+    followed, tool calls in pieces, whole or as ``function_call``, reasoning under
+    either name, usage wherever it is put, failures sent in-band in any shape).
     """
 
     # where each reply starts (set on the instance as the reply comes)
@@ -2677,11 +2572,8 @@ class _Assembler:
 
     def response(self, error: str = "", cancelled: bool = False,
                  secrets: "Optional[List[str]]" = None, kind: str = "") -> Response:
-        """The :class:`Response` to what came: ``error`` and ``cancelled`` say how the call ended
-        (``kind``: the error's kind).
-
-        Every text the server chose is shown with ``secrets`` redacted.
-        """
+        """The :class:`Response` to what came: ``error`` (of ``kind``) and ``cancelled`` say
+        how the call ended; every text the server chose is shown with ``secrets`` redacted."""
         calls = []  # type: List[ToolCall]
         for builder in self.builders:
             arguments = "".join(builder["arguments"])
@@ -2737,12 +2629,9 @@ _CALLS_AS_TEXT = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|py
 
 def _warnings(notes: "Iterable[str]", body: "Dict[str, Any]", sent: int, reply: Response,
               fingerprint: str) -> "List[str]":
-    """What the server did to an answer that came back, each said only on evidence in hand.
-
-    ``notes`` say what the client changed in the request; ``body`` is the request
-    as sent, ``sent`` its size in bytes, ``fingerprint`` the reply's
-    ``system_fingerprint``. Each rule runs only where a cheap test says it may apply.
-    """
+    """What the server did to an answer that came back, each said only on evidence in hand
+    (``notes``: what the client changed; ``body``: the request as sent, ``sent`` bytes).
+    Each rule runs only where a cheap test says it may apply."""
     said = list(notes) if notes else []
     if reply.stop_reason == "length" and reply.reasoning and not reply.content.strip():
         said.append("the reasoning used the whole token budget and no answer came: allow"
@@ -2784,12 +2673,10 @@ def _cut_prompt(messages: "List[Any]", counted: int, usage: "Dict[str, Any]",
                 fingerprint: str) -> "List[str]":
     """A warning when the server counted fewer prompt tokens than the words sent.
 
-    Each word of text (a run without whitespace) is one token at least: tokenizers
-    split text at whitespace before they merge (measured on OpenAI's cl100k and
-    o200k, Llama 3's, Qwen 2.5's and 3.5's, DeepSeek's and Mistral's tekken and
-    SentencePiece vocabularies: English takes 1.3 tokens a word, code 2 to 2.5,
-    single letters exactly 1, CJK and emoji more). A server that counts fewer
-    dropped some of the prompt (Ollama cuts prompts to its context length).
+    Tokenizers split text at whitespace before they merge: each word is a token at
+    least (measured on cl100k, o200k, Llama 3's, Qwen's, DeepSeek's and Mistral's
+    vocabularies: English 1.3 a word, code 2 to 2.5, CJK and emoji more). A server
+    that counts fewer dropped some of the prompt (Ollama cuts it to its context).
     """
     words = 0
     for message in messages:
@@ -2847,12 +2734,8 @@ def _model_ids(listing: "Dict[str, Any]") -> "List[str]":
 
 
 def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
-    """Usage with prompt, completion and total tokens, from any server's spelling.
-
-    Only the counts are kept (and those in a nested object such as
-    ``completion_tokens_details``): whatever else a server nests there would
-    stay alive with the Response.
-    """
+    """Usage with prompt, completion and total tokens, from any server's spelling; only the
+    counts (nested ones too) are kept: anything else would stay alive with the Response."""
     if not isinstance(usage, dict):
         return None
     if ("total_tokens" in usage and len(usage) <= _MAX_USAGE_KEYS  # the usual: plain counts
@@ -2944,13 +2827,9 @@ _NAMING = (
 
 
 def _named_fields(raw: str) -> "Set[str]":
-    """The request fields that an error answer (its text, lower case) names as wrong.
-
-    Read from its ``param``, the ``loc`` of FastAPI's validation errors, and the
-    words of its messages ("Unknown parameter: 'x'", "'x' must be ..."); never
-    from a request body it echoes (FastAPI's ``input``, which vLLM puts in its
-    message as Python text), where every field of the request appears.
-    """
+    """The request fields that an error answer (its text, lower case) names as wrong: its
+    ``param``, FastAPI's ``loc``, the words of its messages ("Unknown parameter: 'x'");
+    never a request body it echoes (FastAPI's ``input``, in vLLM's message as text)."""
     import re  # loaded by json already
 
     try:
@@ -2982,15 +2861,10 @@ def _named_fields(raw: str) -> "Set[str]":
 
 def _policy(body: "Optional[Dict[str, Any]]", status: int, raw: str, retry_after: "Optional[str]",
             attempt: int, retries: int, resent: "FrozenSet[str]") -> "Tuple[str, Any]":
-    """What a call does after an error answer (``status`` 0: a failure before any answer).
-
-    ``("resend", refusal)``: the request goes again at once, changed for a known
-    refusal (``_refusal``), once each; ``("retry", delay)``: it goes again after
-    ``delay`` seconds (None: the backoff), for a retryable status or failure, as
-    ``retries`` allow; ``("fail", more)``: the call fails, its message with
-    ``more`` added. ``raw`` is the error body's text (lower case), ``retry_after``
-    its Retry-After header.
-    """
+    """What a call does after an error answer (``status`` 0: a failure before any answer;
+    ``raw``: its text, lower case): ``("resend", refusal)`` at once, changed for a known
+    refusal, once each; ``("retry", delay)`` after ``delay`` seconds (None: the backoff)
+    as ``retries`` allow; or ``("fail", more)``, its message with ``more`` added."""
     refused = _refusal(body, status, raw) if body else None
     if refused is not None and refused not in resent:
         return "resend", refused
@@ -3003,14 +2877,9 @@ def _policy(body: "Optional[Dict[str, Any]]", status: int, raw: str, retry_after
 
 
 def _refusal(body: "Dict[str, Any]", status: int, raw: str) -> "Optional[str]":
-    """Which known refusal an error answer is, for this request: what to adjust, or None.
-
-    Decided from the field the answer names (``_named_fields``), never from a
-    field that merely appears in it: ``"stream_options"`` (older vLLM, Mistral,
-    older Azure), ``"max_tokens"`` (OpenAI's newer models want
-    ``max_completion_tokens``), ``"json_object"`` (LM Studio wants a
-    ``json_schema``).
-    """
+    """Which known refusal an error answer is, from the field it names, never one that merely
+    appears in it: ``"stream_options"`` (older vLLM, Mistral, older Azure), ``"max_tokens"``
+    (OpenAI's newer models), ``"json_object"`` (LM Studio wants a json_schema), or None."""
     if status not in (400, 422):
         return None
     named = _named_fields(raw)
@@ -3064,23 +2933,13 @@ def _message_of(value: "Any", depth: int = 0) -> str:
     return ""
 
 
-
-
-
-
-
-
 def _unread(exc: BaseException, waited: float, connection: "Any") -> bool:
     """Whether a kept-alive connection that failed before any answer never had its request read.
 
-    The server did not take it when it reset the connection (it closed it with the
-    request unread), or a pipe broke while sending, or it closed it sooner than a
-    round trip after the request went out: its close crossed the request on the way
-    (llama.cpp's server closes connections right after a streamed answer, and idle
-    ones at their keep-alive timeout). A close that came later may follow a read (a
-    worker killed mid-generation, a proxy timing out): that request is not sent again
-    unasked. The round trip is the connection's TCP connect, twice, and never less than
-    _CROSSING, for a busy machine's delays.
+    Unread: a reset (closed with the request unread), a pipe broken while sending, or a
+    close sooner than a round trip (twice its TCP connect, _CROSSING at least) after the
+    request went out, which crossed it (llama.cpp closes connections after a streamed
+    answer). A later close may follow a read (a worker killed mid-reply): not resent.
     """
     if isinstance(exc, http.client.RemoteDisconnected):
         return waited < max(2 * getattr(connection, "round_trip", 0.0), _CROSSING)
@@ -3191,8 +3050,6 @@ def _retry_after(value: "Optional[str]") -> "Optional[float]":
         return None
 
 
-
-
 def _field(value: "Any", key: str) -> "Any":
     return value.get(key) if isinstance(value, dict) else None
 
@@ -3207,12 +3064,8 @@ def _one_line(text: str) -> str:
 
 
 def _clip(data: "Union[bytes, str]", cut: bool = False) -> str:
-    """The start of what a server sent (bytes, or text), for an error, in whole words.
-
-    It is cut to its length for ``Response.error`` only once the secrets
-    are redacted from it: a secret cut in two would not be recognised. A word
-    cut here is dropped for the same reason.
-    """
+    """The start of what a server sent (bytes, or text), for an error, in whole words: a
+    secret cut in two would not be redacted (``Response.error`` is cut after that)."""
     if isinstance(data, str):  # only its start is looked at: encode no more than that
         data = data[:_ERROR_BODY_LIMIT + 1].encode("utf-8", "replace")
     words = data[:_ERROR_BODY_LIMIT].decode("utf-8", "replace").split()
@@ -3240,7 +3093,6 @@ def _shown(value: "Any") -> str:
     except Exception:
         return "<%s>" % type(value).__name__
     return text if len(text) <= 80 else text[:77] + "..."
-
 
 
 # ---------------------------------------------------------------- the command line
