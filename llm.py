@@ -131,7 +131,7 @@ def image(source: "Any", detail: "Optional[str]" = None) -> "Dict[str, Any]":
         url = source if isinstance(source, str) and source.startswith(
             ("http://", "https://", "data:")) else _data_url(source)
     except Exception as exc:  # a public function: report, never raise
-        return _BadPart("image %s: %s" % (_shown(source), _describe(exc)))
+        return _BadPart("image %s: %s" % (_short_repr(source), _describe(exc)))
     part = {"url": url}  # type: Dict[str, Any]
     if detail is not None:
         part["detail"] = detail
@@ -432,7 +432,7 @@ class Client:
         except Exception as exc:  # reported by every call instead
             settings.problem = str(exc) if isinstance(exc, (TypeError, ValueError)) \
                 else "bad client argument: " + _describe(exc)
-            settings.base_url = _shown_url(settings.base_url)  # a refused user:pass@ is not kept
+            settings.base_url = _url_to_show(settings.base_url)  # a refused user:pass@ is not kept
         self.base_url, self.model, self.system = settings.base_url, settings.model, settings.system
 
     def chat(self, messages: "List[Any]", **params: "Any") -> Response:
@@ -532,7 +532,7 @@ class Client:
 
     def __repr__(self) -> str:
         return "Client(base_url=%r, model=%r, api_key=%r)" % (
-            _shown_url(self.base_url), self.model, "***" if self._settings.api_key else "")
+            _url_to_show(self.base_url), self.model, "***" if self._settings.api_key else "")
 
     def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
         """The request's JSON body: the client's defaults, the call's parameters, the messages."""
@@ -721,7 +721,7 @@ def _ollama_host_url(value: str) -> str:
 def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
     """Split a base URL into scheme, host, port, and the chat and models paths."""
     url = url.strip()
-    shown = _shown_url(url)
+    shown = _url_to_show(url)
     if any(ord(c) < 33 or ord(c) == 127 for c in url):  # urlsplit would drop tabs and line ends
         raise ValueError("base_url contains a space or a control character: %r" % shown)
     if "://" not in url:
@@ -754,7 +754,7 @@ def _endpoint(url: str) -> "Tuple[str, str, int, str, str]":
     return scheme, host, port, path + "/chat/completions" + query, path + "/models" + query
 
 
-def _shown_url(url: str) -> str:
+def _url_to_show(url: str) -> str:
     """A URL as it may be shown: no user part, and key-like query values as ``***``."""
     if not isinstance(url, str):
         return url
@@ -839,7 +839,7 @@ def _verification(verify: "Any", ca_file: "Any") -> "Tuple[bool, Any]":
     if isinstance(verify, (str, os.PathLike)) and os.fspath(verify):
         return True, os.fspath(verify)  # a CA file, as requests takes it
     if not isinstance(verify, bool):  # 0, "", a config value: never a silent "off"
-        raise TypeError("verify must be True, False or a CA file path, got %s" % _shown(verify))
+        raise TypeError("verify must be True, False or a CA file path, got %s" % _short_repr(verify))
     return verify, ca_file
 
 
@@ -912,7 +912,7 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
     if parts.scheme.lower() != "http":  # an https:// proxy spoken to in plain HTTP: refuse it
         raise ValueError("the proxy %s is not supported: llm.py speaks to proxies in plain"
                          " HTTP (https still goes through CONNECT, encrypted end to end);"
-                         " give an http:// proxy URL" % _shown_url(url))
+                         " give an http:// proxy URL" % _url_to_show(url))
     headers = {}
     if parts.username is not None:
         credentials = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
@@ -1743,7 +1743,7 @@ def _checkout(client: Client, pid: int) -> "http.client.HTTPConnection":
     slot = getattr(client._local, "slot", None)  # type: Optional[_Slot]
     if slot is not None and slot.connection is not None:
         connection, slot.connection = slot.connection, None
-        if slot.pid == pid and _quiet(connection.sock):
+        if slot.pid == pid and _nothing_to_read(connection.sock):
             return connection
         connection.close()  # a parent's copy: closing ours leaves theirs open and intact
     connection = _new_connection(client)
@@ -1778,7 +1778,7 @@ class _Slot:
             self.connection.close()
 
 
-def _quiet(sock: "Any") -> bool:
+def _nothing_to_read(sock: "Any") -> bool:
     """Whether an idle socket has nothing to read: no stray bytes, no close from the server."""
     if sock is None:
         return True
@@ -1863,7 +1863,7 @@ def _tracer_for(trace: "Any", environ: "Any", secrets: "List[str]") -> "Optional
     elif trace is False:
         return None
     elif not callable(getattr(trace, "write", None)):
-        raise TypeError("trace must be a writer with write(str), got %s" % _shown(trace))
+        raise TypeError("trace must be a writer with write(str), got %s" % _short_repr(trace))
     return _Tracer(trace, secrets)
 
 
@@ -2791,7 +2791,7 @@ def _error_answer(answer: "http.client.HTTPResponse") -> "Tuple[str, str]":
         body = b""
     status = answer.status
     if 300 <= status < 400:
-        message = "redirect to %s not followed" % _shown_url(answer.getheader("Location") or "?")
+        message = "redirect to %s not followed" % _url_to_show(answer.getheader("Location") or "?")
     else:
         message = _server_message(body) or answer.reason or http.client.responses.get(status, "")
     return "HTTP %d: %s" % (status, message), body.decode("utf-8", "replace").lower()
@@ -3025,7 +3025,7 @@ def _tried(client: "Client", posted: bool) -> str:
     """The method and URL of the request, as a user would check them."""
     settings = client._settings
     url = settings.url(settings.chat_path if posted else settings.models_path)
-    return "%s %s" % ("POST" if posted else "GET", _shown_url(url))
+    return "%s %s" % ("POST" if posted else "GET", _url_to_show(url))
 
 
 def _peer(client: "Client") -> str:
@@ -3086,7 +3086,7 @@ def _describe(exc: BaseException) -> str:
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
-def _shown(value: "Any") -> str:
+def _short_repr(value: "Any") -> str:
     """repr(value), cut short; never raises."""
     try:
         text = repr(value)
@@ -3142,10 +3142,10 @@ def _main(argv: "Optional[List[str]]" = None) -> int:
     try:
         return _command(argv)
     except KeyboardInterrupt:
-        _Console(sys.stderr).end_line()
+        _console(sys.stderr).end_line()
         return 130
     except BrokenPipeError:  # the reader went away (``| head``): nothing left to say
-        _quiet_stdout()
+        _stdout_to_devnull()
         return 1
     except Exception as exc:  # the last boundary
         try:
@@ -3158,7 +3158,7 @@ def _main(argv: "Optional[List[str]]" = None) -> int:
 def _command(argv: "Optional[List[str]]") -> int:
     options = _arguments(argv)
     client = Client(options.base_url, model=options.model, api_key=options.key,
-                    system=options.system and _typed(options.system),
+                    system=options.system and _without_surrogates(options.system),
                     timeout=_DEFAULT_TIMEOUT if options.timeout is None else options.timeout,
                     trace=sys.stderr if options.trace else None)
     if client._settings.problem:  # a bad --timeout, or a base URL that is no URL
@@ -3167,8 +3167,7 @@ def _command(argv: "Optional[List[str]]") -> int:
     try:
         return _run(client, options)
     finally:
-        if client._settings.tracer is not None:  # the trace written to its end
-            client._settings.tracer.flush()
+        client.close()  # and the trace written to its end
 
 
 def _run(client: Client, options: "Any") -> int:
@@ -3224,7 +3223,7 @@ def _print_curl(client: Client, messages: "List[Any]", params: "Dict[str, Any]",
     if len(command) > 100000:  # longer than one argument may be: the body from a here-document
         marker = "LLM_PY_BODY_%d" % len(data)
         command = "%s --data-binary @- <<'%s'\n%s\n%s" % (" ".join(words), marker, data, marker)
-    _Console(sys.stdout).write(command + "\n")
+    _console(sys.stdout).write(command + "\n")
     return 0
 
 
@@ -3278,24 +3277,24 @@ def _option_values(pairs: "List[List[str]]") -> "Dict[str, Any]":
     """``-o NAME VALUE`` pairs as request parameters: VALUE as JSON when it parses."""
     params = {}  # type: Dict[str, Any]
     for name, value in pairs:
-        value = _typed(value)
+        value = _without_surrogates(value)
         try:
-            params[_typed(name)] = _json(value)
+            params[_without_surrogates(name)] = _json(value)
         except (ValueError, RecursionError):
-            params[_typed(name)] = value
+            params[_without_surrogates(name)] = value
     return params
 
 
 def _prompt(words: "List[str]") -> "Optional[str]":
     """The prompt: the words, then what is piped in; None for a chat on a terminal."""
-    text = " ".join(_typed(word) for word in words)
+    text = " ".join(_without_surrogates(word) for word in words)
     if _is_terminal(sys.stdin):
         return text or None
     piped = _read_stdin()
     return "%s\n\n%s" % (text, piped) if text and piped.strip() else text or piped
 
 
-def _typed(text: str) -> str:
+def _without_surrogates(text: str) -> str:
     """Text as typed: a C locale turns UTF-8 into lone surrogates, which are no JSON."""
     try:
         text.encode("utf-8")
@@ -3327,8 +3326,8 @@ def _list_models(client: Client, as_json: bool) -> int:
     if models.error:
         _complain(models.error)
         return 1
-    out = _Console(sys.stdout)
-    out.write(json.dumps(list(models)) + "\n" if as_json else "".join(m + "\n" for m in models))
+    _console(sys.stdout).write(json.dumps(list(models)) + "\n" if as_json
+                               else "".join(name + "\n" for name in models))
     return 0
 
 
@@ -3340,9 +3339,9 @@ def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
     the prompt can simply be sent again.
     """
     _line_editing()
-    notes = _Console(sys.stderr)
+    notes = _console(sys.stderr)
     notes.write("llm.py %s: %s at %s. %s\n" % (__version__, client.model or "the default model",
-                                               _where(client._settings.host, client._settings.port), _CHAT_HELP))
+                                               _url_to_show(client.base_url), _CHAT_HELP))
     history = []  # type: List[Dict[str, Any]]
     while True:
         line = _next_line()
@@ -3367,12 +3366,12 @@ def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
 def _next_line() -> "Optional[str]":
     """The next line typed; "" after Ctrl-C or an unreadable line, None at the end."""
     try:
-        return _typed(input(_PROMPT))
+        return _without_surrogates(input(_PROMPT))
     except EOFError:  # Ctrl-D
-        _Console(sys.stdout).write("\n")
+        _console(sys.stdout).write("\n")
         return None
     except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line
-        _Console(sys.stdout).write("\n")
+        _console(sys.stdout).write("\n")
     except UnicodeDecodeError as exc:  # the terminal sent bytes its encoding lacks
         _complain("that line could not be read: %s" % exc.reason)
     return ""
@@ -3453,23 +3452,16 @@ def _interruptible(client: Client, messages: "List[Any]", options: "Any",
 
 def _reply(client: Client, messages: "List[Any]", options: "Any",
            params: "Dict[str, Any]") -> Response:
-    out = _Console(sys.stdout)
-    thoughts = _Console(sys.stderr, _DIM if _colours(sys.stderr) else "") \
-        if options.show_reasoning else None
-    if options.no_stream:
-        try:
-            reply = client.chat(messages, **params)
-        except KeyboardInterrupt:  # the second Ctrl-C: stop waiting
-            reply = Response("", "cancelled")
-    else:
-        shown = _Shown(None if options.json else out, thoughts)
-        try:
-            reply = client.chat_stream(messages, shown, **params)
-        except KeyboardInterrupt:  # the second Ctrl-C: stop waiting
-            reply = Response("", "cancelled")
-    if thoughts is not None:
-        thoughts.write(reply.reasoning[thoughts.written:])
-        thoughts.end_line()
+    out = _console(sys.stdout)
+    shown = _ReplyOutput(None if options.json else out, options.show_reasoning)
+    try:
+        reply = client.chat(messages, **params) if options.no_stream \
+            else client.chat_stream(messages, shown, **params)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop waiting
+        reply = Response("", "cancelled")
+    if options.show_reasoning:  # what did not stream
+        shown.write_reasoning(reply.reasoning[shown.reasoned:])
+        _console(sys.stderr).end_line()
     if options.json:
         out.write(json.dumps(_as_json(reply, client._settings.secrets), indent=2,
                              ensure_ascii=not _utf8(sys.stdout)) + "\n")
@@ -3478,7 +3470,7 @@ def _reply(client: Client, messages: "List[Any]", options: "Any",
             out.write(reply.content)
         out.end_line()
     if options.stats:
-        _Console(sys.stderr).write(_stats(reply) + "\n")
+        _console(sys.stderr).write(_stats(reply) + "\n")
     return reply
 
 
@@ -3513,21 +3505,26 @@ def _server_stats(timings: "Dict[str, Any]") -> str:
     return "\nserver: " + ", ".join(parts) if parts else ""
 
 
-class _Shown:
-    """Where a streamed reply goes: its text to stdout, its reasoning to stderr."""
+class _ReplyOutput:
+    """Where a streamed reply goes: its text to stdout, and its reasoning (when it is to be
+    shown) to stderr, dimmed on a terminal."""
 
-    def __init__(self, out: "Optional[_Console]", thoughts: "Optional[_Console]") -> None:
-        self.out, self.thoughts = out, thoughts
+    reasoned = 0  # characters of reasoning shown
+
+    def __init__(self, out: "Optional[_Console]", reasoning: bool) -> None:
+        self.out, self.reasoning = out, reasoning
+        self.style = _DIM if _colours(sys.stderr) else ""
 
     def write(self, text: str) -> None:
-        if self.thoughts is not None:
-            self.thoughts.end_line()
+        if self.reasoning:
+            _console(sys.stderr).end_line()
         if self.out is not None:
             self.out.write(text)
 
     def write_reasoning(self, text: str) -> None:
-        if self.thoughts is not None:
-            self.thoughts.write(text)
+        if self.reasoning:
+            _console(sys.stderr).write(text, self.style)
+            self.reasoned += len(text)
 
 
 def _as_json(reply: Response, secrets: "List[str]") -> "Any":
@@ -3568,22 +3565,21 @@ def _header_dict(headers: "http.client.HTTPMessage", secrets: "List[str]") -> "D
 
 def _report(reply: Response) -> None:
     """Say on stderr why a reply ended early, and what tools it calls."""
+    notes = _console(sys.stderr)
     if reply.tool_calls or reply.warnings:
-        console = _Console(sys.stderr)
-        console.end_line()
-        console.write("".join("tool call: %s %s\n" % (call.name, call.arguments)
-                              for call in reply.tool_calls))
-        console.write("".join("warning: %s\n" % warning for warning in reply.warnings))
+        notes.end_line()
+        notes.write("".join("tool call: %s %s\n" % (call.name, call.arguments)
+                            for call in reply.tool_calls))
+        notes.write("".join("warning: %s\n" % warning for warning in reply.warnings))
     if reply.stop_reason == "error":
         _complain(reply.error)
     elif reply.refusal:
-        console = _Console(sys.stderr)
-        console.end_line()
-        console.write("refusal: %s\n" % reply.refusal)
+        notes.end_line()
+        notes.write("refusal: %s\n" % reply.refusal)
     elif reply.stop_reason == "cancelled":
-        _Console(sys.stderr).write("[stopped]\n")
+        notes.write("[stopped]\n")
     elif reply.stop_reason == "length" and _is_terminal(sys.stderr):
-        _Console(sys.stderr).write("[the reply reached its token limit]\n")
+        notes.write("[the reply reached its token limit]\n")
 
 
 def _complain(error: str) -> None:
@@ -3593,9 +3589,19 @@ def _complain(error: str) -> None:
     for start, hint in hints:
         if error.startswith(start):
             error = "%s (%s)" % (error, hint)
-    console = _Console(sys.stderr)
-    console.end_line()
-    console.write("error: %s\n" % error)
+    _console(sys.stderr).end_line()
+    _console(sys.stderr).write("error: %s\n" % error)
+
+
+_consoles = {}  # type: Dict[Any, _Console]
+
+
+def _console(stream: "Any") -> "_Console":
+    """The console of a stream, made at its first use and kept."""
+    console = _consoles.get(stream)
+    if console is None:
+        console = _consoles[stream] = _Console(stream)
+    return console
 
 
 class _Console:
@@ -3606,34 +3612,28 @@ class _Console:
     screen. A pipe gets the text exactly.
     """
 
-    _last = {}  # type: Dict[int, str]  # the last character written, per stream
+    last = "\n"  # the last character written
 
-    def __init__(self, stream: "Any", style: str = "") -> None:
-        self.stream, self.style = stream, style
-        self.visible = _is_terminal(stream)
-        self.written = 0  # characters of text written (line ends added by end_line aside)
+    def __init__(self, stream: "Any") -> None:
+        self.stream, self.visible = stream, _is_terminal(stream)
 
-    def write(self, text: str) -> None:
-        self._put(text)
-        self.written += len(text)
-
-    def end_line(self) -> None:
-        """Finish the line when something was written on it."""
-        if _Console._last.get(id(self.stream), "\n") != "\n":
-            self._put("\n")
-
-    def _put(self, text: str) -> None:
+    def write(self, text: str, style: str = "") -> None:
         if not text or self.stream is None:
             return
         shown = text.translate(_VISIBLE) if self.visible else text
-        shown = self.style + shown + _PLAIN if self.style and text != "\n" else shown
+        shown = style + shown + _PLAIN if style else shown
         try:
             self.stream.write(shown)
         except UnicodeEncodeError:  # a console that cannot show it: show what it can
             encoding = getattr(self.stream, "encoding", None) or "ascii"
             self.stream.write(shown.encode(encoding, "replace").decode(encoding))
         self.stream.flush()
-        _Console._last[id(self.stream)] = text[-1]
+        self.last = text[-1]
+
+    def end_line(self) -> None:
+        """Finish the line when something was written on it."""
+        if self.last != "\n":
+            self.write("\n")
 
 
 def _is_terminal(stream: "Any") -> bool:
@@ -3653,7 +3653,7 @@ def _utf8(stream: "Any") -> bool:
     return encoding.lower().replace("-", "").replace("_", "") == "utf8"
 
 
-def _quiet_stdout() -> None:
+def _stdout_to_devnull() -> None:
     """Point stdout at nothing, so that Python's final flush does not complain."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
