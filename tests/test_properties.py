@@ -481,9 +481,11 @@ sys.path.insert(0, sys.argv[1])
 import llm
 
 
-def cancel(client):
-    sys.stderr.write("cancel asked\\n")
-    sys.stderr.flush()
+def cancel(client, asked=[]):  # once: close() at the end cancels too
+    if not asked:
+        asked.append(True)
+        sys.stderr.write("cancel asked\\n")
+        sys.stderr.flush()
 
 
 llm.Client.cancel = cancel
