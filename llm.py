@@ -186,36 +186,30 @@ class ToolCall:
 class Response:
     """The result of one call. Nothing raises; look at ``stop_reason``.
 
-    ``content``: the assistant text (what came before an error or cancel);
-    ``role``: ``"assistant"``; ``stop_reason``: ``"stop"``, ``"length"``,
-    ``"tool_calls"``, ``"content_filter"``, ``"refusal"``, ``"error"``,
-    ``"cancelled"`` or an unknown server value as it is; ``error``: ``""`` or one readable line;
-    ``status``: the HTTP status, ``0`` when no response arrived; ``usage``:
-    a dict with ``prompt_tokens``, ``completion_tokens``, ``total_tokens``
-    when the server reported them, else ``None``; ``tool_calls``: a list of
-    :class:`ToolCall`; ``reasoning``: reasoning text, ``""`` if none;
-    ``refusal``: the model's refusal (OpenAI's ``refusal`` field), ``""`` if
-    none; a reply that is only a refusal has ``stop_reason "refusal"``;
-    ``model`` and ``id`` as the server reported them.
-    ``headers``: the headers of the last HTTP response (an
-    ``http.client.HTTPMessage``: ``headers.get("x-request-id")`` ignores case,
-    ``headers.get_all(name)`` gives repeated ones; empty when none arrived);
-    ``logprobs``: the token log-probabilities when the server sent them (the
-    ``choices[0].logprobs.content`` entries, joined across a stream's
-    chunks), else ``None``; ``first_token_seconds``: seconds from the start
-    of the call until the first token (text, reasoning or a tool call) came,
-    ``None`` if none came; ``total_seconds``: seconds the whole call took,
-    retries included; ``timings``: the server's own timing numbers when it
-    sent them (llama.cpp's ``timings``), else ``None``.
-    ``warnings``: short sentences about what the server did to an answer (a
-    prompt it probably cut, a limit it ignored, ...) and what the client
-    adjusted; empty when nothing is wrong. ``error_kind``: for a failed call
-    (``stop_reason "error"``) one of ``"context_overflow"``, ``"auth"``,
-    ``"rate_limit"``, ``"not_found"``, ``"bad_request"``, ``"server"``,
-    ``"network"``, ``"timeout"``, ``"too_large"``, ``"invalid_reply"``,
-    ``"output"``, ``"unexpected"``; else ``""``. ``overflow``: for a context
-    overflow, ``{"prompt_tokens": ..., "context_length": ...}`` as far as the
-    server said them, else ``None``.
+    ``content``: the assistant text (what came before an error or cancel); ``role``:
+    ``"assistant"``; ``stop_reason``: ``"stop"``, ``"length"``, ``"tool_calls"``,
+    ``"content_filter"``, ``"refusal"``, ``"error"``, ``"cancelled"`` or an unknown server
+    value as it is; ``error``: ``""`` or one readable line; ``status``: the HTTP status, ``0``
+    when no response arrived; ``usage``: a dict with ``prompt_tokens``, ``completion_tokens``,
+    ``total_tokens`` when the server reported them, else ``None``; ``tool_calls``: a list of
+    :class:`ToolCall`; ``reasoning``: reasoning text, ``""`` if none; ``refusal``: the model's
+    refusal (OpenAI's ``refusal`` field), ``""`` if none; a reply that is only a refusal has
+    ``stop_reason "refusal"``; ``model`` and ``id`` as the server reported them. ``headers``:
+    the headers of the last HTTP response (an ``http.client.HTTPMessage``:
+    ``headers.get("x-request-id")`` ignores case, ``headers.get_all(name)`` gives repeated
+    ones; empty when none arrived); ``logprobs``: the token log-probabilities when the server
+    sent them (the ``choices[0].logprobs.content`` entries, joined across a stream's chunks),
+    else ``None``; ``first_token_seconds``: seconds from the start of the call until the first
+    token (text, reasoning or a tool call) came, ``None`` if none came; ``total_seconds``:
+    seconds the whole call took, retries included; ``timings``: the server's own timing numbers
+    when it sent them (llama.cpp's ``timings``), else ``None``. ``warnings``: short sentences
+    about what the server did to an answer (a prompt it probably cut, a limit it ignored, ...)
+    and what the client adjusted; empty when nothing is wrong. ``error_kind``: for a failed
+    call (``stop_reason "error"``) one of ``"context_overflow"``, ``"auth"``, ``"rate_limit"``,
+    ``"not_found"``, ``"bad_request"``, ``"server"``, ``"network"``, ``"timeout"``,
+    ``"too_large"``, ``"invalid_reply"``, ``"output"``, ``"unexpected"``; else ``""``.
+    ``overflow``: for a context overflow, ``{"prompt_tokens": ..., "context_length": ...}`` as
+    far as the server said them, else ``None``.
     """
 
     # each field's default (the mutable ones are made by __init__)
@@ -318,10 +312,8 @@ class Stream:
         return self._call.response()
 
     def close(self) -> None:
-        """End the stream now, from any thread; the response keeps what came, as cancelled.
-
-        A stream that has already ended (whole, or failed) keeps its outcome.
-        """
+        """End the stream now, from any thread; the response keeps what came, as cancelled
+        (a stream that has already ended, whole or failed, keeps its outcome)."""
         with self._call.client._lock:
             self._call.guard.cancel()
         try:
@@ -383,29 +375,25 @@ class SSEWriter:
 class Client:
     """A connection to one OpenAI-compatible server; safe to share across threads.
 
-    ``base_url``: the host root (``http://localhost:11434``), a ``.../v1``
-    style prefix (``https://api.groq.com/openai/v1``) or a full
-    ``.../chat/completions`` URL; ``None`` reads the environment.
-    ``model``: sent as the request's model (``None``: ``LLM_MODEL``).
-    ``api_key``: sent as a Bearer token (``None``: ``LLM_API_KEY`` or
-    ``OPENAI_API_KEY``, each only to the server the environment pairs it
-    with; ``""``: none). ``system``: a system prompt put first
-    unless the messages already start with one. ``timeout``: seconds for
-    connecting and for each read, or a ``(connect, read)`` pair; it bounds
-    silence, not the whole call. ``deadline``: seconds for the whole call,
-    retries included, or ``None``. ``headers``: extra request headers.
-    ``retries``: how many times to retry a failed connection or a 408, 409,
-    429, 5xx answer before any output. ``verify``: ``True`` (or ``None``)
-    checks the server's TLS certificate, ``False`` does not, a path is taken
-    as ``ca_file``. ``ca_file``: a PEM file of trusted certificates.
-    ``params``: default request parameters (``{"temperature": 0}``), under
-    those of each call. ``stream_usage``: ask for token usage when
-    streaming. ``max_bytes``: the largest response body accepted.
-    ``think_tags``: a ``<think>...</think>`` block at the start of the content
-    is reasoning (``False``: the content exactly as sent). ``trace``: a writer
-    (anything with ``write(str)``) that gets every request and reply as they go
-    over the wire, secrets hidden; ``None`` reads ``LLM_TRACE`` (``1``: stderr;
-    a file path: that file, appended to), ``False`` traces nothing.
+    ``base_url``: the host root (``http://localhost:11434``), a ``.../v1`` style prefix
+    (``https://api.groq.com/openai/v1``) or a full ``.../chat/completions`` URL; ``None`` reads
+    the environment. ``model``: sent as the request's model (``None``: ``LLM_MODEL``).
+    ``api_key``: sent as a Bearer token (``None``: ``LLM_API_KEY`` or ``OPENAI_API_KEY``, each
+    only to the server the environment pairs it with; ``""``: none). ``system``: a system
+    prompt put first unless the messages already start with one. ``timeout``: seconds for
+    connecting and for each read, or a ``(connect, read)`` pair; it bounds silence, not the
+    whole call. ``deadline``: seconds for the whole call, retries included, or ``None``.
+    ``headers``: extra request headers. ``retries``: how many times to retry a failed
+    connection or a 408, 409, 429, 5xx answer before any output. ``verify``: ``True`` (or
+    ``None``) checks the server's TLS certificate, ``False`` does not, a path is taken as
+    ``ca_file``. ``ca_file``: a PEM file of trusted certificates. ``params``: default request
+    parameters (``{"temperature": 0}``), under those of each call. ``stream_usage``: ask for
+    token usage when streaming. ``max_bytes``: the largest response body accepted.
+    ``think_tags``: a ``<think>...</think>`` block at the start of the content is reasoning
+    (``False``: the content exactly as sent). ``trace``: a writer (anything with
+    ``write(str)``) that gets every request and reply as they go over the wire, secrets hidden;
+    ``None`` reads ``LLM_TRACE`` (``1``: stderr; a file path: that file, appended to),
+    ``False`` traces nothing.
 
     Building a client never raises: a bad argument is reported by every call.
     """
@@ -551,10 +539,8 @@ class Client:
 
 
 class _Settings:
-    """A client's settings, decided once when it is made: calls read them, never change them.
-
-    The :class:`Client`'s arguments, checked, and what follows from them.
-    """
+    """A client's settings, decided once when it is made: its arguments, checked, and what
+    follows from them. Calls read them, and never change them."""
 
     problem = ""  # why every call fails; "" when the arguments were good
     base_url = model = system = api_key = scheme = host = ""
@@ -614,9 +600,8 @@ class _Settings:
         if proxy is not None:
             self.proxy, self.tunnel_headers = proxy[:2], proxy[2]
             if self.scheme == "http":  # a proxy wants the absolute URL, and its credentials
-                origin = "http://%s" % _where(self.host, self.port)
-                self.chat_target, self.models_target = (origin + self.chat_path,
-                                                        origin + self.models_path)
+                self.chat_target, self.models_target = map(self.url, (self.chat_path,
+                                                                      self.models_path))
                 sent.update(self.tunnel_headers)
         self.stream_headers = _accepting(sent, "text/event-stream")
         self.plain_headers = _accepting(sent, "application/json")
@@ -690,17 +675,12 @@ def _environment_key(environ: "Any", origin: "Tuple[str, str, int]") -> str:
              ("OPENAI_API_KEY", environ.get("OPENAI_BASE_URL") or "https://api.openai.com"))
     for name, url in pairs:
         key = environ.get(name)
-        if key and _origin(url) == origin:
-            return str(key)
+        try:
+            if key and _endpoint(url)[:3] == origin:
+                return str(key)
+        except ValueError:  # a URL that is none: no server to pair the key with
+            pass
     return ""
-
-
-def _origin(url: str) -> "Optional[Tuple[str, str, int]]":
-    try:
-        scheme, host, port = _endpoint(url)[:3]
-    except ValueError:
-        return None
-    return scheme, host, port
 
 
 def _ollama_host_url(value: str) -> str:
@@ -776,7 +756,6 @@ def _url_to_show(url: str) -> str:
 def _query_fields(url: str) -> "List[Tuple[str, str]]":
     """The ``name=value`` fields of a URL's query, each value also percent-decoded."""
     from urllib.parse import unquote
-
     fields = []
     for field in url.partition("?")[2].partition("#")[0].split("&"):
         name, _, value = field.partition("=")
@@ -793,10 +772,10 @@ def _is_credential(name: str) -> bool:
 def _secret_forms(values: "List[str]") -> "List[str]":
     """Every form in which these secrets may come back in a server's words, longest first.
 
-    Each value whole, its words, or the credential after an auth scheme (``Bearer
-    <token>``); the values of ``name=value`` pairs; the user and password of ``Basic``
-    credentials; each also JSON-escaped and percent-encoded; none shorter than 4
-    characters, which would match ordinary words.
+    Each value whole, its words, or the credential after an auth scheme (``Bearer <token>``); the
+    values of ``name=value`` pairs; the user and password of ``Basic`` credentials; each also
+    JSON-escaped and percent-encoded; none shorter than 4 characters, which would match ordinary
+    words.
     """
     found = set()
     for value in values:
@@ -902,7 +881,6 @@ def _proxy_for(scheme: str, host: str) -> "Optional[Tuple[str, int, Dict[str, st
         return None  # a corporate proxy must never stand between us and a local server
     import urllib.request
     from urllib.parse import unquote
-
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(scheme) or proxies.get("all")
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
@@ -926,7 +904,6 @@ def _is_loopback(host: str) -> bool:
     resolver reads (``[::ffff:127.0.0.1]``, ``0:0:0:0:0:0:0:1``, ``127.1``, ``2130706433``,
     ``0x7f000001``); a name such as ``127.0.0.1.nip.io`` is no address."""
     import ipaddress
-
     host = host.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -1011,10 +988,10 @@ class _Cancelled(_Failure):
 class _Call:
     """One call: its exchange with the server, fed to an assembler, and its result.
 
-    Nothing escapes it: ``answer()``, ``pieces()`` (a stream's text as it comes) and
-    ``listing()`` share one boundary, where whatever went wrong is decided once, next
-    to what had arrived. The HTTP is the :class:`_Exchange`'s, the deadline and cancel
-    the :class:`_Guard`'s, and what the reply means the :class:`_Assembler`'s.
+    Nothing escapes it: ``answer()``, ``pieces()`` (a stream's text as it comes) and ``listing()``
+    share one boundary, where whatever went wrong is decided once, next to what had arrived. The
+    HTTP is the :class:`_Exchange`'s, the deadline and cancel the :class:`_Guard`'s, and what the
+    reply means the :class:`_Assembler`'s.
     """
 
     # where each call starts (set on the instance as the call goes)
@@ -1085,8 +1062,8 @@ class _Call:
             self.error, self.kind, self.overflow = str(exc), exc.kind, exc.overflow
         elif isinstance(exc, Exception):  # a surprise becomes an error response
             self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
-        else:  # KeyboardInterrupt, or closed mid-reply: the connection is unusable
-            self.exchange.abandon()
+        else:  # KeyboardInterrupt, or closed mid-reply: what is left of the answer makes the
+            self.exchange.broken = True  # connection unusable, even one that looks whole
         self.exchange.release()
         return isinstance(exc, Exception)
 
@@ -1125,11 +1102,9 @@ class _Call:
                     raise _Failure("writing the reasoning failed: " + _describe(exc), "output")
 
     def _read_events(self, answer: "http.client.HTTPResponse", data: bytes) -> "Iterator[str]":
-        """A stream's events, read by read; the text of each, as it comes.
-
-        Once the general path has taken an event that held one content delta alone,
-        the next ones in the same envelope (``_Envelope``) are taken at once.
-        """
+        """A stream's events, read by read; the text of each, as it comes. Once the general
+        path has taken an event that held one content delta alone, the next ones in the
+        same envelope (``_Envelope``) are taken at once."""
         exchange, assembler, guard = self.exchange, self.assembler, self.guard
         decoder = _SSEDecoder(self.settings.max_bytes)
         event, read, content = assembler.event, exchange.read, assembler.content
@@ -1237,11 +1212,11 @@ def _first_event(data: bytes) -> "Tuple[bytes, bytes]":
 class _Envelope:
     """The bytes around the text of one content-only event, to take the next ones at once.
 
-    An event that is ``prefix``, a JSON string, then ``suffix`` says what the one it
-    was learned from said (a probe in the string's place, parsed, was the delta's
-    text): that event only added its text to the content (no id or model to learn,
-    no usage, finish, reasoning, tool call or log-probabilities), and so does the
-    next. Only events of at most ``_SHALLOW_SIZE`` bytes, which the JSON checks pass by.
+    An event that is ``prefix``, a JSON string, then ``suffix`` says what the one it was learned
+    from said (a probe in the string's place, parsed, was the delta's text): that event only added
+    its text to the content (no id or model to learn, no usage, finish, reasoning, tool call or
+    log-probabilities), and so does the next. Only events of at most ``_SHALLOW_SIZE`` bytes,
+    which the JSON checks pass by.
     """
 
     __slots__ = ("prefix", "suffix", "at", "end")
@@ -1304,13 +1279,10 @@ class _Envelope:
 
 
 class _Guard:
-    """A call's deadline and cancel: they wake the call wherever it waits.
-
-    ``cancel()`` (from any thread, under the client's lock) and the deadline's timer
-    shut down the call's socket, which wakes a connect, a TLS handshake or a read, or
-    set the event a pause before a retry waits on. Only the process that opened a
-    socket shuts it down: after a ``fork()`` the parent's are not the child's.
-    """
+    """A call's deadline and cancel: ``cancel()`` (from any thread, under the client's lock)
+    and the deadline's timer wake the call wherever it waits, shutting down its socket
+    (a connect, a TLS handshake, a read) or setting the event a pause before a retry
+    waits on. Only the process that opened a socket shuts it down (not a fork's child)."""
 
     # where each guard starts
     cancelled = expired = False  # cancel() came; the deadline passed
@@ -1435,11 +1407,9 @@ class _Guard:
 
 
 class _Exchange:
-    """The HTTP of one call: a connection, the request and its retries, the answer's bytes.
-
-    The connection goes back to the client's pool only after a whole final answer.
-    Every read ends at a cancel or the deadline, and none goes past ``max_bytes``.
-    """
+    """The HTTP of one call: a connection (back to the pool only after a whole final answer),
+    the request and its retries, the answer's bytes (read up to a cancel, the deadline
+    or ``max_bytes``)."""
 
     # where each exchange starts (set on the instance as it goes)
     connection = None  # type: Optional[http.client.HTTPConnection]
@@ -1506,7 +1476,6 @@ class _Exchange:
         """Wait before a retry: ``delay``, or the backoff (exponential, with jitter) when None."""
         if delay is None:
             import random
-
             step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** attempt)
             delay = step / 2 + random.uniform(0, step / 2)
         self._note("retry %d of %d after: %s" % (attempt + 1, self.client._settings.retries, why))
@@ -1589,9 +1558,11 @@ class _Exchange:
         # worth reading
         if (answer.status < 200 or not answer.isclosed()) and self.connection is not None:
             self.connection.close()
-        if answer.status in (404, 405):  # most often a base_url with a wrong path
-            message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...",
-                                   _tried(self.client, posted))
+        if answer.status in (404, 405):  # most often a base_url with a wrong path: show it
+            settings = self.client._settings
+            tried = "%s %s" % ("POST" if posted else "GET", _url_to_show(
+                settings.url(settings.chat_path if posted else settings.models_path)))
+            message = "%s (%s)" % (message if len(message) <= 160 else message[:157] + "...", tried)
         return message, raw
 
     def kind(self, answer: "http.client.HTTPResponse") -> "Tuple[str, bytes]":
@@ -1661,11 +1632,6 @@ class _Exchange:
                     return
         except (OSError, http.client.HTTPException, ValueError):
             pass
-
-    def abandon(self) -> None:
-        """The call stops reading for good (an interrupt): what is left makes the connection
-        unusable, even an answer that looks whole to http.client."""
-        self.broken = True
 
     def release(self) -> None:
         """Give the connection back for reuse when its answer was read whole (to its end,
@@ -1786,7 +1752,6 @@ def _nothing_to_read(sock: "Any") -> bool:
     if pending is not None and pending():  # where neither select() nor a peek sees them
         return False
     import select  # built in, and cheap; not loaded at import time
-
     try:
         return not select.select([sock], [], [], 0)[0]
     except (OSError, ValueError):  # a descriptor past FD_SETSIZE: peek instead
@@ -1810,17 +1775,17 @@ def _nothing_to_read(sock: "Any") -> bool:
 def _new_connection(client: Client) -> "http.client.HTTPConnection":
     settings = client._settings
     host, port = settings.proxy or (settings.host, settings.port)
-    if client._settings.scheme == "http":
-        connection = http.client.HTTPConnection(host, port, timeout=client._settings.connect_timeout)
+    if settings.scheme == "http":
+        connection = http.client.HTTPConnection(host, port, timeout=settings.connect_timeout)
     else:
         context = _tls_context(client)  # first: without ssl there is no HTTPSConnection
         connection = http.client.HTTPSConnection(
-            host, port, timeout=client._settings.connect_timeout, context=context)
+            host, port, timeout=settings.connect_timeout, context=context)
         if settings.proxy:
             connection.set_tunnel(settings.host, settings.port, headers=settings.tunnel_headers)
     connection.response_class = _FinalResponse
-    if client._settings.tracer is not None:  # only then: a call without a trace pays nothing for it
-        client._settings.tracer.watch(connection)
+    if settings.tracer is not None:  # only then: a call without a trace pays nothing for it
+        _Wire(settings.tracer, connection)
     return connection
 
 
@@ -1886,11 +1851,9 @@ class _Appending:
 
 
 class _Tracer:
-    """A client's trace: what goes over the wire, one line at a time, every secret hidden.
-
-    Lines go to ``out`` from a thread of their own through a bounded queue: a writer
-    that raises or blocks neither breaks nor hangs a call (lines dropped are counted).
-    """
+    """A client's trace: what goes over the wire, a line at a time, every secret hidden, to
+    ``out`` from a thread of its own through a bounded queue: a writer that raises or
+    blocks neither breaks nor hangs a call (the lines it drops are counted)."""
 
     def __init__(self, out: "Any", secrets: "List[str]") -> None:
         self.out, self.secrets = out, secrets
@@ -1906,7 +1869,6 @@ class _Tracer:
         with self.lock:
             if self.lines is None:
                 import queue
-
                 self.lines = queue.Queue(10000)
                 threading.Thread(target=self._write, args=(self.lines,), daemon=True).start()
         try:
@@ -1940,10 +1902,6 @@ class _Tracer:
             time.sleep(0.01)
         if isinstance(self.out, _Appending) and not (lines and lines.unfinished_tasks):
             self.out.close()  # the next line opens it again
-
-    def watch(self, connection: "http.client.HTTPConnection") -> None:
-        """Trace what ``connection`` sends and receives."""
-        _Wire(self, connection)
 
 
 class _Wire:
@@ -1995,21 +1953,17 @@ class _TracedFile:
         self.fp, self.wire = fp, wire
 
     def readline(self, *limit: "Any") -> bytes:
-        line = self.fp.readline(*limit)  # type: bytes
-        if line:
-            self.wire.received(line, line=True)
-        return line
+        return self._traced(self.fp.readline(*limit), line=True)
 
     def read(self, *size: "Any") -> bytes:
-        data = self.fp.read(*size)  # type: bytes
-        if data:
-            self.wire.received(data)
-        return data
+        return self._traced(self.fp.read(*size))
 
     def read1(self, *size: "Any") -> bytes:
-        data = self.fp.read1(*size)  # type: bytes
+        return self._traced(self.fp.read1(*size))
+
+    def _traced(self, data: bytes, line: bool = False) -> bytes:
         if data:
-            self.wire.received(data)
+            self.wire.received(data, line)
         return data
 
     def readinto(self, buffer: "Any") -> int:
@@ -2057,14 +2011,13 @@ def _hidden(text: str, secrets: "List[str]") -> str:
 class _SSEDecoder:
     """Server-sent events, incrementally: bytes in, ``(event type, payload)`` out.
 
-    As https://html.spec.whatwg.org/multipage/server-sent-events.html says: lines end
-    in CRLF, LF or CR (a CRLF may be split across reads); a leading BOM is dropped;
-    ``data:`` lines join with LF; comments, ``id:`` and ``retry:`` are ignored; a blank
-    line ends an event. Lines are split as bytes and decoded whole (a character split
-    across reads stays whole; U+2028 in JSON ends no line). The payload is the data
-    parsed as JSON (``_DONE`` for ``[DONE]``; the text when it is not JSON); data that
-    completes a JSON value is taken at once, so that servers which end events with one
-    newline still stream, and no line is parsed more than twice. Beyond the spec, an
+    As https://html.spec.whatwg.org/multipage/server-sent-events.html says: lines end in CRLF, LF
+    or CR (a CRLF may be split across reads); a leading BOM is dropped; ``data:`` lines join with
+    LF; comments, ``id:`` and ``retry:`` are ignored; a blank line ends an event. Lines are split
+    as bytes and decoded whole (a character split across reads stays whole; U+2028 in JSON ends no
+    line). The payload is the data parsed as JSON (``_DONE`` for ``[DONE]``; the text when it is
+    not JSON); data that completes a JSON value is taken at once, so that servers which end events
+    with one newline still stream, and no line is parsed more than twice. Beyond the spec, an
     ``error:`` line (older llama.cpp) is an ``error`` event of its own.
     """
 
@@ -2231,14 +2184,13 @@ def _loads(text: str) -> "Any":
 def _check_json(data: bytes, budget: int) -> None:
     """Refuse JSON text too costly to parse (``_Costly``): too many values, or too deep.
 
-    Values: the text and its strings cost about twice its length (four bytes a
-    character where Python stores text wide: ordinary text up to the budget is always
-    read), each other value (a ``{}``: 64 bytes and more) up to ``_VALUE_COST``: text
-    longer than ``_CHECKED_SIZE`` holds as many as 3 * budget bytes allow. Depth: near
-    the recursion limit CPython 3.6 to 3.8 aborts the whole process (when a gc callback
-    or a finalizer runs) instead of raising RecursionError. Every value but the first
-    follows a ``,``, ``:``, ``[`` or ``{``, or is a string: when the whole text may hold
-    too many of them, or of brackets, they are counted outside its strings.
+    Values: the text and its strings cost about twice its length (four bytes a character where
+    Python stores text wide: ordinary text up to the budget is always read), each other value (a
+    ``{}``: 64 bytes and more) up to ``_VALUE_COST``: text longer than ``_CHECKED_SIZE`` holds as
+    many as 3 * budget bytes allow. Depth: near the recursion limit CPython 3.6 to 3.8 aborts the
+    whole process (when a gc callback or a finalizer runs) instead of raising RecursionError.
+    Every value but the first follows a ``,``, ``:``, ``[`` or ``{``, or is a string: when the
+    whole text may hold too many of them, or of brackets, they are counted outside its strings.
     """
     size = len(data)
     allowed = max(0, 3 * budget - 2 * size) // _VALUE_COST if size > _CHECKED_SIZE else size
@@ -2247,7 +2199,6 @@ def _check_json(data: bytes, budget: int) -> None:
             + data.count(b'"') // 2 <= allowed):
         return
     from itertools import accumulate, chain
-
     quotes = values = depth = 0
     for found, marks in _outside_strings(data):
         quotes += found
@@ -2287,12 +2238,12 @@ def _int(digits: str) -> "Any":
 class _Assembler:
     """What a server's reply means: its parsed chunks (or the whole reply) in, text out.
 
-    ``event()`` takes a stream's events, ``whole()`` a whole reply, each returning the
-    text it adds; ``check()`` and ``ended()`` say whether what came is a reply at all;
-    ``response()`` makes the :class:`Response`. No sockets, no clock, no locks: every
-    rule about what servers mean lives here (stop reasons in any spelling, one choice
-    followed, tool calls in pieces, whole or as ``function_call``, reasoning under
-    either name, usage wherever it is put, failures sent in-band in any shape).
+    ``event()`` takes a stream's events, ``whole()`` a whole reply, each returning the text it
+    adds; ``check()`` and ``ended()`` say whether what came is a reply at all; ``response()``
+    makes the :class:`Response`. No sockets, no clock, no locks: every rule about what servers
+    mean lives here (stop reasons in any spelling, one choice followed, tool calls in pieces,
+    whole or as ``function_call``, reasoning under either name, usage wherever it is put, failures
+    sent in-band in any shape).
     """
 
     # where each reply starts (set on the instance as the reply comes)
@@ -2321,10 +2272,8 @@ class _Assembler:
         self.refusal = []  # type: List[str]
 
     def event(self, kind: str, payload: "Any") -> "Optional[str]":
-        """Take one event of a stream: a chunk, ``_DONE``, an error, or something else.
-
-        Nothing after ``[DONE]`` counts, whether it came in the same read or later.
-        """
+        """Take one event of a stream: a chunk, ``_DONE``, an error, or something else
+        (nothing after ``[DONE]`` counts, whether it came in the same read or later)."""
         if payload is _DONE or self.done:
             self.done = True
             return None
@@ -2673,10 +2622,10 @@ def _cut_prompt(messages: "List[Any]", counted: int, usage: "Dict[str, Any]",
                 fingerprint: str) -> "List[str]":
     """A warning when the server counted fewer prompt tokens than the words sent.
 
-    Tokenizers split text at whitespace before they merge: each word is a token at
-    least (measured on cl100k, o200k, Llama 3's, Qwen's, DeepSeek's and Mistral's
-    vocabularies: English 1.3 a word, code 2 to 2.5, CJK and emoji more). A server
-    that counts fewer dropped some of the prompt (Ollama cuts it to its context).
+    Tokenizers split text at whitespace before they merge: each word is a token at least (measured
+    on cl100k, o200k, Llama 3's, Qwen's, DeepSeek's and Mistral's vocabularies: English 1.3 a
+    word, code 2 to 2.5, CJK and emoji more). A server that counts fewer dropped some of the
+    prompt (Ollama cuts it to its context).
     """
     words = 0
     for message in messages:
@@ -2758,7 +2707,6 @@ def _counts(value: "Dict[str, Any]", nested: bool = False) -> "Dict[str, Any]":
     items = value.items()  # type: Iterable[Tuple[str, Any]]
     if len(value) > _MAX_USAGE_KEYS:
         from itertools import islice  # loaded by collections already
-
         items = islice(items, _MAX_USAGE_KEYS)
     for key, number in items:
         if len(key) > 64:
@@ -2831,7 +2779,6 @@ def _named_fields(raw: str) -> "Set[str]":
     ``param``, FastAPI's ``loc``, the words of its messages ("Unknown parameter: 'x'");
     never a request body it echoes (FastAPI's ``input``, in vLLM's message as text)."""
     import re  # loaded by json already
-
     try:
         parsed = _json(raw)
     except (ValueError, RecursionError):
@@ -2936,10 +2883,10 @@ def _message_of(value: "Any", depth: int = 0) -> str:
 def _unread(exc: BaseException, waited: float, connection: "Any") -> bool:
     """Whether a kept-alive connection that failed before any answer never had its request read.
 
-    Unread: a reset (closed with the request unread), a pipe broken while sending, or a
-    close sooner than a round trip (twice its TCP connect, _CROSSING at least) after the
-    request went out, which crossed it (llama.cpp closes connections after a streamed
-    answer). A later close may follow a read (a worker killed mid-reply): not resent.
+    Unread: a reset (closed with the request unread), a pipe broken while sending, or a close
+    sooner than a round trip (twice its TCP connect, _CROSSING at least) after the request went
+    out, which crossed it (llama.cpp closes connections after a streamed answer). A later close
+    may follow a read (a worker killed mid-reply): not resent.
     """
     if isinstance(exc, http.client.RemoteDisconnected):
         return waited < max(2 * getattr(connection, "round_trip", 0.0), _CROSSING)
@@ -2977,7 +2924,6 @@ def _error_kind(status: int, raw: str) -> "Tuple[str, Optional[Dict[str, int]]]"
     overflow the prompt's size and the context's, in tokens, when the server said them."""
     if any(sign in raw for sign in _OVERFLOW_SIGNS):
         import re  # loaded by json already
-
         overflow = {}  # type: Dict[str, int]
         for pattern in _OVERFLOW_NUMBERS:
             found = re.search(pattern, raw)
@@ -3021,13 +2967,6 @@ def _network_error(exc: BaseException, client: "Client") -> str:
     return "%s (%s)" % (_describe(exc), _peer(client))
 
 
-def _tried(client: "Client", posted: bool) -> str:
-    """The method and URL of the request, as a user would check them."""
-    settings = client._settings
-    url = settings.url(settings.chat_path if posted else settings.models_path)
-    return "%s %s" % ("POST" if posted else "GET", _url_to_show(url))
-
-
 def _peer(client: "Client") -> str:
     """The server (or the proxy) a client talks to, as ``host:port``."""
     if client._settings.proxy:
@@ -3043,7 +2982,6 @@ def _retry_after(value: "Optional[str]") -> "Optional[float]":
     except ValueError:
         pass
     from email.utils import parsedate_to_datetime
-
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -3134,11 +3072,8 @@ Ctrl-C stops a reply; the conversation keeps what came.
 
 
 def _main(argv: "Optional[List[str]]" = None) -> int:
-    """Run the command line (``python llm.py --help``); return the exit status.
-
-    Errors are one line on stderr: no traceback reaches the user, whatever
-    the input. ``argv`` defaults to ``sys.argv[1:]``.
-    """
+    """Run the command line (``python llm.py --help``) on ``argv`` (``sys.argv[1:]``); return
+    the exit status. Errors are one line on stderr: no traceback, whatever the input."""
     try:
         return _command(argv)
     except KeyboardInterrupt:
@@ -3195,12 +3130,9 @@ def _run(client: Client, options: "Any") -> int:
 
 def _print_curl(client: Client, messages: "List[Any]", params: "Dict[str, Any]", stream: bool,
                 key_given: "Optional[str]") -> int:
-    """Print the request as a curl command that a POSIX shell runs; nothing is sent.
-
-    The key is the variable it came from (``LLM_API_KEY`` for ``--key``), never its value.
-    """
+    """Print the request as a curl command that a POSIX shell runs; nothing is sent. The key
+    is the variable it came from (``LLM_API_KEY`` for ``--key``), never its value."""
     from shlex import quote
-
     try:
         data = _encode(client._body(messages, params, stream)).decode("utf-8")
     except _Failure as failure:
@@ -3229,7 +3161,6 @@ def _print_curl(client: Client, messages: "List[Any]", params: "Dict[str, Any]",
 
 def _arguments(argv: "Optional[List[str]]") -> "Any":
     import argparse
-
     if _TYPE_CHECKING:
         from typing import NoReturn
 
@@ -3332,13 +3263,12 @@ def _list_models(client: Client, as_json: bool) -> int:
 
 
 def _chat_loop(client: Client, options: "Any", params: "Dict[str, Any]") -> int:
-    """Talk until /exit or end of input, keeping the conversation.
-
-    A reply stopped with Ctrl-C stays in the history as far as it came, so
-    that the model sees what the user saw; a failed turn is dropped, so that
-    the prompt can simply be sent again.
-    """
-    _line_editing()
+    """Talk until /exit or end of input, keeping the conversation: a reply stopped with
+    Ctrl-C as far as it came (what the user saw), a failed turn not at all (to send again)."""
+    try:
+        import readline  # noqa: F401  (input() edits lines and keeps history once loaded)
+    except ImportError:  # Windows, or a Python built without it
+        pass
     notes = _console(sys.stderr)
     notes.write("llm.py %s: %s at %s. %s\n" % (__version__, client.model or "the default model",
                                                _url_to_show(client.base_url), _CHAT_HELP))
@@ -3410,23 +3340,12 @@ def _without_reasoning(message: "Dict[str, Any]") -> "Dict[str, Any]":
     return message
 
 
-def _line_editing() -> None:
-    try:
-        import readline  # noqa: F401  (input() edits lines and keeps history once loaded)
-    except ImportError:  # Windows, or a Python built without it
-        pass
-
-
 def _interruptible(client: Client, messages: "List[Any]", options: "Any",
                    params: "Dict[str, Any]") -> Response:
-    """One reply, shown as ``options`` ask; Ctrl-C cancels it and keeps what came.
-
-    The first Ctrl-C cancels the call from a helper thread (``cancel()`` takes
-    a lock that the interrupted code may hold); a second one interrupts the
-    wait itself.
-    """
+    """One reply, shown as ``options`` ask; Ctrl-C cancels it and keeps what came: the first
+    from a helper thread (``cancel()`` takes a lock that the interrupted code may hold),
+    a second one by interrupting the wait itself."""
     import signal
-
     cancelling = []  # type: List[threading.Thread]
 
     def on_interrupt(signum: int, frame: "Any") -> None:
@@ -3539,11 +3458,8 @@ def _as_json(reply: Response, secrets: "List[str]") -> "Any":
 
 
 def _finite(value: "Any") -> "Any":
-    """``value`` as strict JSON can hold it: an infinite or NaN float becomes null.
-
-    Python servers send ``-Infinity`` log-probabilities, and an integer of
-    thousands of digits is read as an infinite float.
-    """
+    """``value`` as strict JSON can hold it: an infinite or NaN float (Python servers send
+    ``-Infinity`` log-probabilities; a huge integer is read as one) becomes null."""
     if isinstance(value, float):
         return value if value - value == 0 else None
     if isinstance(value, dict):
@@ -3605,12 +3521,9 @@ def _console(stream: "Any") -> "_Console":
 
 
 class _Console:
-    """Writes to a terminal or pipe at once, never failing on what it cannot encode.
-
-    On a terminal, control characters are shown as escapes rather than obeyed:
-    a reply must not write the clipboard, retitle the window or clear the
-    screen. A pipe gets the text exactly.
-    """
+    """Writes to a terminal or pipe at once, never failing on what it cannot encode. On a
+    terminal control characters are shown as escapes, not obeyed (a reply must not write
+    the clipboard, retitle the window or clear the screen); a pipe gets the text exactly."""
 
     last = "\n"  # the last character written
 
