@@ -548,8 +548,7 @@ class _Settings:
     chat_target = models_target = ""  # what the request line carries: through a proxy, the URL
     port = retries = 0
     connect_timeout, read_timeout = _DEFAULT_TIMEOUT
-    deadline = 0.0
-    max_bytes = _MAX_BYTES
+    deadline, max_bytes = 0.0, _MAX_BYTES
     verify, ca_file = True, None  # type: bool, Optional[str]
     params = tunnel_headers = skips = {}  # type: Dict[str, Any]  # skips: http.client's own
     stream_headers = plain_headers = {}  # type: Dict[str, str]  # each kind of request's, and
@@ -1392,9 +1391,7 @@ class _Guard:
             try:
                 self.attach(sock)
                 sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(where)
+                sock.connect(where)  # from any source address: none is ever set
                 return sock
             except OSError as exc:
                 sock.close()
@@ -1416,6 +1413,7 @@ class _Exchange:
     answer = None  # type: Optional[_FinalResponse]
     broken = False  # the answer was left unread, though it may look whole: no reuse
     status = sent = received = 0  # the answer's status; the bytes of the request, and received
+    retried = 0  # retries so far
     headers = None  # type: Optional[http.client.HTTPMessage]
     resent = frozenset()  # type: FrozenSet[str]  # the refusals this call answered with a resend
     notes = ()  # type: Tuple[str, ...]  # what the client changed in the request: warnings
@@ -1437,7 +1435,6 @@ class _Exchange:
     def request(self, body: "Optional[Dict[str, Any]]") -> "http.client.HTTPResponse":
         """POST body (GET the models when None) until a 2xx answer, as ``_policy`` says."""
         client, retries = self.client, self.client._settings.retries
-        attempt = 0
         data = None if body is None else _encode(body)
         while True:
             self.sent = len(data or b"")
@@ -1446,18 +1443,17 @@ class _Exchange:
             except _Failure as failure:
                 if not failure.retryable or self.guard.halted:
                     raise
-                step, detail = _policy(None, 0, "", None, attempt, retries, self.resent)
+                step, detail = _policy(None, 0, "", None, self.retried, retries, self.resent)
                 if step != "retry":
                     raise
-                self._retry(attempt, detail, str(failure), failure.kind)
-                attempt += 1
+                self._retry(detail, str(failure), failure.kind)
                 continue
             self.status, self.headers = answer.status, answer.msg
             if 200 <= answer.status < 300:
                 return answer
             message, raw = self._error_of(answer, data is not None)
             step, detail = _policy(body, answer.status, raw, answer.getheader("Retry-After"),
-                                   attempt, retries, self.resent)
+                                   self.retried, retries, self.resent)
             if step == "resend":  # a known refusal: the request goes again, changed, once
                 self._note("the server refused %s: the request goes again, changed" % detail)
                 self.resent |= {detail}
@@ -1467,18 +1463,18 @@ class _Exchange:
                 continue
             kind, overflow = _error_kind(answer.status, raw)
             if step == "retry":
-                self._retry(attempt, detail, message, kind)
-                attempt += 1
+                self._retry(detail, message, kind)
                 continue
             raise _Failure(message + detail, kind, overflow=overflow)
 
-    def _retry(self, attempt: int, delay: "Optional[float]", why: str, kind: str) -> None:
+    def _retry(self, delay: "Optional[float]", why: str, kind: str) -> None:
         """Wait before a retry: ``delay``, or the backoff (exponential, with jitter) when None."""
         if delay is None:
             import random
-            step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** attempt)
+            step = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** self.retried)
             delay = step / 2 + random.uniform(0, step / 2)
-        self._note("retry %d of %d after: %s" % (attempt + 1, self.client._settings.retries, why))
+        self.retried += 1
+        self._note("retry %d of %d after: %s" % (self.retried, self.client._settings.retries, why))
         self.guard.sleep(delay, why, kind)
 
     def _send(self, data: "Optional[bytes]") -> "http.client.HTTPResponse":
@@ -1814,8 +1810,7 @@ def _tls_context(client: Client) -> "Any":
 _TRACE_LINE = 2000  # characters of a traced line that are kept
 _TRACE_STRING = 200  # characters of a long string of a request body that are kept
 # how bytes received are shown: control characters escaped, so that each read is one line
-_TRACE_ESCAPES = dict(_VISIBLE_CONTROLS)  # type: Dict[int, str]
-_TRACE_ESCAPES.update({9: "\\t", 10: "\\n", 13: "\\r"})
+_TRACE_ESCAPES = {**_VISIBLE_CONTROLS, 9: "\\t", 10: "\\n", 13: "\\r"}  # type: Dict[int, str]
 
 
 def _tracer_for(trace: "Any", environ: "Any", secrets: "List[str]") -> "Optional[_Tracer]":
@@ -2171,7 +2166,8 @@ def _json(text: str, budget: int = _MAX_BYTES) -> "Any":
 def _loads(text: str) -> "Any":
     """``json.loads(text)``, quicker for plain objects and safe from huge integers."""
     if len(text) > _MAX_INT_DIGITS:  # room for an integer that int() parses in quadratic time
-        return json.loads(text, parse_int=_int)
+        return json.loads(text, parse_int=lambda digits: (
+            int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)))
     try:
         value, end = _raw_decode(text)  # no whitespace scans around it, as json.loads has
         if end == len(text):
@@ -2226,10 +2222,6 @@ def _outside_strings(data: bytes) -> "Iterator[Tuple[int, bytes]]":
         quotes = marks.count(b'"')
         yield quotes, b"".join(marks.replace(b'""', b"").split(b'"')[inside::2])
         inside = (inside + quotes) % 2
-
-
-def _int(digits: str) -> "Any":
-    return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
 
 
 # ---------------------------------------------------------------- the reply assembler
@@ -2535,14 +2527,10 @@ class _Assembler:
         response = self._ending(error, cancelled, secrets or [], calls)
         if response.stop_reason == "error":
             response.error_kind = kind or "server"  # a failure the server said in its finish_reason
-        response.usage = _usage(self.usage)
-        response.tool_calls = calls
-        response.reasoning = "".join(self.reasoning)
-        response.refusal = "".join(self.refusal)
-        response._reasoning_field = self.reasoning_field
-        response._legacy_call = self.legacy_call
-        response.model, response.id = self.model, self.id
-        response.logprobs = self.logprobs
+        response.usage, response.tool_calls = _usage(self.usage), calls
+        response.reasoning, response.refusal = "".join(self.reasoning), "".join(self.refusal)
+        response._reasoning_field, response._legacy_call = self.reasoning_field, self.legacy_call
+        response.model, response.id, response.logprobs = self.model, self.id, self.logprobs
         if isinstance(self.timings, dict):
             response.timings = _counts(self.timings) or None
         return response
@@ -2611,13 +2599,6 @@ def _over_limit(body: "Dict[str, Any]", made: int) -> "List[str]":
                " max_tokens)" if limits[0] is None else "")]
 
 
-def _cached(usage: "Dict[str, Any]") -> int:
-    """Prompt tokens a server reports as cached, which some count apart from prompt_tokens."""
-    counts = [_field(usage.get("prompt_tokens_details"), "cached_tokens"),
-              usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")]
-    return sum(count for count in counts if type(count) is int)
-
-
 def _cut_prompt(messages: "List[Any]", counted: int, usage: "Dict[str, Any]",
                 fingerprint: str) -> "List[str]":
     """A warning when the server counted fewer prompt tokens than the words sent.
@@ -2634,7 +2615,9 @@ def _cut_prompt(messages: "List[Any]", counted: int, usage: "Dict[str, Any]",
             words += len(content.split())
         elif isinstance(content, list):
             words += len(_text_of_parts(content).split())
-    if counted >= words or counted + _cached(usage) >= words:
+    cached = [_field(usage.get("prompt_tokens_details"), "cached_tokens"),  # some count them
+              usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")]
+    if counted + sum(count for count in cached if type(count) is int) >= words:  # apart from it
         return []
     fix = ("Ollama's context length: OLLAMA_CONTEXT_LENGTH, or num_ctx in a Modelfile"
            if fingerprint == "fp_ollama" else "the server's context length")
@@ -2919,6 +2902,11 @@ _OVERFLOW_NUMBERS = (
 )
 
 
+# the kind of an error answer by its status (404 and 405: most often a wrong model, or URL)
+_STATUS_KINDS = {401: "auth", 403: "auth", 429: "rate_limit", 404: "not_found", 405: "not_found",
+                 408: "timeout", 504: "timeout", 413: "too_large"}
+
+
 def _error_kind(status: int, raw: str) -> "Tuple[str, Optional[Dict[str, int]]]":
     """The kind of an error answer (its status, and its text in lower case), and for a context
     overflow the prompt's size and the context's, in tokens, when the server said them."""
@@ -2930,17 +2918,9 @@ def _error_kind(status: int, raw: str) -> "Tuple[str, Optional[Dict[str, int]]]"
             for name, value in (found.groupdict() if found else {}).items():
                 overflow.setdefault("prompt_tokens" if name == "prompt" else "context_length", int(value))
         return "context_overflow", overflow
-    if status in (401, 403):
-        return "auth", None
-    if status == 429:
-        return "rate_limit", None
-    if status in (404, 405) or 300 <= status < 400:  # a wrong model, or URL (redirects too)
-        return "not_found", None
-    if status in (408, 504):
-        return "timeout", None
-    if status == 413:
-        return "too_large", None
-    return ("bad_request" if 400 <= status < 500 else "server"), None
+    kind = _STATUS_KINDS.get(status) or ("not_found" if 300 <= status < 400  # redirects too
+                                         else "bad_request" if 400 <= status < 500 else "server")
+    return kind, None
 
 
 def _in_band(payload: "Any", said: str) -> _Failure:
@@ -3324,10 +3304,8 @@ def _unanswered(reply: Response) -> "List[Dict[str, Any]]":
     history in which a call has none."""
     said = "This chat cannot run tools; answer without them."
     if reply._legacy_call:
-        return [{"role": "function", "name": call.name, "content": said}
-                for call in reply.tool_calls]
-    return [{"role": "tool", "tool_call_id": call.id, "content": said}
-            for call in reply.tool_calls]
+        return [{"role": "function", "name": call.name, "content": said} for call in reply.tool_calls]
+    return [{"role": "tool", "tool_call_id": call.id, "content": said} for call in reply.tool_calls]
 
 
 def _without_reasoning(message: "Dict[str, Any]") -> "Dict[str, Any]":
