@@ -617,8 +617,7 @@ class _Settings:
 class _Models(list):  # type: ignore[type-arg]
     """Model ids, with ``error`` and ``status`` as on a Response."""
 
-    error = ""
-    status = 0
+    error, status = "", 0
 
 
 # ---------------------------------------------------------------- module-level functions
@@ -2020,8 +2019,7 @@ class _SSEDecoder:
         self._budget = budget  # for the cost of parsing one event (see _json)
         self._depth = 0  # brackets open in the event's data so far, while it may be JSON
         self._partial = []  # type: List[bytes]  # the pieces of a line not ended yet
-        self._after_cr = False
-        self._started = False
+        self._after_cr = self._started = False
         self._kind = ""
         self._data = []  # type: List[bytes]
 
@@ -2615,10 +2613,12 @@ def _cut_prompt(messages: "List[Any]", counted: int, usage: "Dict[str, Any]",
             words += len(content.split())
         elif isinstance(content, list):
             words += len(_text_of_parts(content).split())
-    cached = [_field(usage.get("prompt_tokens_details"), "cached_tokens"),  # some count them
-              usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")]
-    if counted + sum(count for count in cached if type(count) is int) >= words:  # apart from it
+    if counted >= words:
         return []
+    cached = [_field(usage.get("prompt_tokens_details"), "cached_tokens"),
+              usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")]
+    if counted + sum(count for count in cached if type(count) is int) >= words:  # which some
+        return []  # count apart from prompt_tokens
     fix = ("Ollama's context length: OLLAMA_CONTEXT_LENGTH, or num_ctx in a Modelfile"
            if fingerprint == "fp_ollama" else "the server's context length")
     return ["the server counted %d prompt tokens for the %d words sent: it probably cut the"
