@@ -1060,9 +1060,7 @@ class _Call:
             self.error, self.kind, self.overflow = str(exc), exc.kind, exc.overflow
         elif isinstance(exc, Exception):  # a surprise becomes an error response
             self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
-        else:  # KeyboardInterrupt, or closed mid-reply: what is left of the answer makes the
-            self.exchange.broken = True  # connection unusable, even one that looks whole
-        self.exchange.release()
+        self.exchange.release()  # KeyboardInterrupt, or closed mid-reply: the answer tells
         return isinstance(exc, Exception)
 
     def _check_settings(self) -> None:
@@ -1410,7 +1408,6 @@ class _Exchange:
     # where each exchange starts (set on the instance as it goes)
     connection = None  # type: Optional[http.client.HTTPConnection]
     answer = None  # type: Optional[_FinalResponse]
-    broken = False  # the answer was left unread, though it may look whole: no reuse
     status = sent = received = 0  # the answer's status; the bytes of the request, and received
     retried = 0  # retries so far
     headers = None  # type: Optional[http.client.HTTPMessage]
@@ -1482,7 +1479,7 @@ class _Exchange:
         connection = self.connection = self.connection or _checkout(client, self.guard.pid)
         settings = client._settings
         lines = settings.stream_lines if self.stream else settings.plain_lines
-        reused = connection.sock is not None
+        reused, self.answer = connection.sock is not None, None  # None: a request is on its way
         while True:
             if connection.sock is None:
                 self._connect(connection)
@@ -1636,9 +1633,11 @@ class _Exchange:
             answer, guard = self.answer, self.guard
             if answer is not None and answer.length == 0 and answer.fp is not None:  # read to
                 answer.close()  # the end of its Content-Length, which some Pythons leave open
-            finished = answer is None or answer.isclosed() and not answer.unfinished
-            _checkin(self.client, connection, finished and not (self.broken or guard.halted),
-                     guard.pid)
+            if answer is None:  # no answer yet: reusable with no request in flight
+                finished = connection.sock is None
+            else:
+                finished = answer.isclosed() and not answer.unfinished
+            _checkin(self.client, connection, finished and not guard.halted, guard.pid)
 
 
 class _Handshake:

@@ -2265,6 +2265,21 @@ class NoExceptionTest(LoopbackCase):
         timer.join()
         self.assertEqual(client.chat(HI).content, "after")  # not the half-used connection
 
+    @unittest.skipUnless(hasattr(signal, "SIGINT") and os.name == "posix", "POSIX signals")
+    def test_a_retry_interrupted_while_waiting_leaves_a_usable_client(self):
+        # the first answer (a 503) was read whole; the retry is on the same connection, its
+        # answer still to come when Ctrl-C comes: that connection is not reused
+        arrived = threading.Event()
+        busy = answer({"error": "busy"}, 503, extra="Retry-After: 0")
+        server = self.serve(busy, [arrived.set, HANG], answer(message("after")))
+        client = self.client(server, retries=1)
+        interrupt, _ = in_thread(lambda: arrived.wait(5) and os.kill(os.getpid(), signal.SIGINT))
+        with self.assertRaises(KeyboardInterrupt):
+            client.chat(HI)  # blocked reading the retry's answer when Ctrl-C comes
+        interrupt.join()
+        self.assertEqual(client.chat(HI).content, "after")  # not the connection in use
+        self.assertEqual(server.connections, 2)
+
     def test_lone_surrogates_are_sent_as_replacement_characters(self):
         server = self.serve(answer(message("x")))
         self.client(server).chat([{"role": "user", "content": "a\udce9b \U0001F600"}])
