@@ -2,7 +2,7 @@
 
 Run with ``python -m unittest tests.test_browser``. It is skipped when
 /usr/bin/chromium is absent (a failure instead when LLM_BROWSER_REQUIRED is
-set). The test starts a loopback LLM server (from test_llm) that sends its
+set). The test starts a loopback LLM server (from tests/loopback.py) that sends its
 reply in pieces with pauses, relay.py on a free port, and Chromium with
 ``--remote-debugging-port``, spoken to through a minimal WebSocket client
 written here (standard library only). It types a prompt into the page,
@@ -36,10 +36,10 @@ import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import Server, answer, delta, sse
+from tests.loopback import Server, answer, delta, sse
 
 RELAY = os.path.join(ROOT, "examples", "relay.py")
 CHROMIUM = "/usr/bin/chromium"

@@ -1,7 +1,7 @@
 """Tests for llm.py's command line: run with ``python -m unittest tests.test_cli``.
 
 Each test runs ``python llm.py ...`` as a subprocess against a loopback server
-from test_llm (exact bytes, in steps). The chat loop is driven through a
+from tests/loopback.py (exact bytes, in steps). The chat loop is driven through a
 pseudo-terminal where the platform has one. Every wait is bounded.
 """
 
@@ -18,11 +18,11 @@ import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port, head,
-                      message, sse)
+from tests.loopback import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port,
+                            head, message, sse)
 
 LLM = os.path.join(ROOT, "llm.py")
 WAIT = 20  # seconds: the longest any one command may take

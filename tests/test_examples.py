@@ -1,8 +1,8 @@
 """Tests for the programs in examples/: run with ``python -m unittest tests.test_examples``.
 
-Each example runs as a subprocess against loopback servers from test_llm
-(exact bytes, in steps); relay.py is started on a free port and spoken to
-with http.client. Every wait is bounded.
+Each example runs as a subprocess against loopback servers from
+tests/loopback.py (exact bytes, in steps); relay.py is started on a free port
+and spoken to with http.client. Every wait is bounded.
 """
 
 import http.client
@@ -21,10 +21,10 @@ import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import Server, answer, delta, free_port, message, sse
+from tests.loopback import Server, answer, delta, free_port, message, sse
 from tests.test_cli import WAIT, environment, run
 
 EXAMPLES = os.path.join(ROOT, "examples")

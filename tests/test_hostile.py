@@ -34,12 +34,12 @@ import unittest
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
-from test_llm import (CLOSE, END, HANG, RESET, LoopbackCase, Server, Writes, answer, chunk, delta,
-                      free_port, head, message, raw_sse, sse)
+from tests.loopback import (CLOSE, END, HANG, RESET, Lines, LoopbackCase, Proxy, Server, Writes,
+                            answer, chunk, delta, free_port, head, message, raw_sse, sse, traced)
 
 try:
     import hypothesis
@@ -712,7 +712,6 @@ class HostileServerTest(HostileCase):
         self.assertNotIn(KEY[:8], response.error)
 
     def test_proxy_credentials_and_credential_headers_are_redacted(self):
-        from test_llm import Proxy
         secrets = {"Authorization": "Basic " + base64.b64encode(b"someone:pw-0123456789").decode(),
                    "Cookie": "session=cs-0123456789; theme=dark", "X-Auth-Token": "at-0123456789"}
 
@@ -739,7 +738,6 @@ class HostileServerTest(HostileCase):
     def test_a_trace_never_holds_six_characters_of_a_secret(self):
         # every secret the client knows, in every form the error redaction covers, echoed by
         # the server in its headers and body, whole and cut across reads
-        from test_llm import Proxy, traced, Lines
         api_key = "sk-proj-" + "".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789")
                                        for _ in range(60))
         headers = {"Cookie": "session=cs-0123456789; theme=dark", "X-Auth-Token": "at-0123456789",
