@@ -22,8 +22,9 @@ from unittest import mock
 
 import llm
 from tests.loopback import (CA_FILE, CLOSE, END, HANG, HI, KEY, RESET, SHUTDOWN, UNREAD, Lines,
-                            LoopbackCase, Proxy, Writes, answer, chunk, delta, echo, event,
-                            free_port, head, in_thread, message, raw_sse, say, sse, traced)
+                            LoopbackCase, Proxy, Writes, answer, call_socket, chunk, delta, echo,
+                            event, free_port, head, idle_socket, in_thread, message, raw_sse,
+                            read_elsewhere, readable, say, shut, sse, traced, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1285,9 +1286,7 @@ class NetworkTest(LoopbackCase):
         client = self.client(server, timeout=60)
         thread, results = in_thread(client.chat, HI)
         thread2, results2 = in_thread(lambda: list(client.stream(HI)))
-        deadline = time.time() + 5
-        while len(server.requests) < 2 and time.time() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(server.wait_for_requests(2), "the calls did not come")
         client.cancel()
         thread.join(5)
         thread2.join(5)
@@ -1310,7 +1309,8 @@ class NetworkTest(LoopbackCase):
         server = self.serve(answer(message("first")) + [CLOSE], answer(message("second")))
         client = self.client(server)
         self.assertEqual(client.chat(HI).content, "first")
-        time.sleep(0.05)  # the server's FIN arrives while the connection is idle
+        # the server's FIN arrives while the connection is idle
+        self.assertTrue(readable(idle_socket(client)), "the server's close did not come")
         response = client.chat(HI)
         self.assertEqual((response.content, response.error), ("second", ""))
         self.assertEqual(server.connections, 2)
@@ -1891,13 +1891,12 @@ class NoExceptionTest(LoopbackCase):
 
     @unittest.skipUnless(hasattr(signal, "SIGINT") and os.name == "posix", "POSIX signals")
     def test_a_call_interrupted_while_waiting_leaves_a_usable_client(self):
-        server = self.serve([HANG], answer(message("after")))
+        # Ctrl-C comes once the request has arrived: the call waits for the answer
+        server = self.serve([lambda: os.kill(os.getpid(), signal.SIGINT), HANG],
+                            answer(message("after")))
         client = self.client(server)
-        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
         with self.assertRaises(KeyboardInterrupt):
             client.chat(HI)  # blocked reading the answer when Ctrl-C comes
-        timer.join()
         self.assertEqual(client.chat(HI).content, "after")  # not the half-used connection
 
     def test_lone_surrogates_are_sent_as_replacement_characters(self):
@@ -2045,7 +2044,9 @@ class StreamTest(LoopbackCase):
         self.assertEqual(server.requests, [])
 
     def test_response_read_while_another_thread_iterates(self):
-        server = self.serve(sse(delta("a"), 0.5, delta("b"), delta("c", "stop")))
+        go_on = threading.Event()  # "b" waits until the reader waits for it
+        server = self.serve(sse(delta("a"), lambda: go_on.wait(10), delta("b"), delta("c", "stop")))
+        self.addCleanup(go_on.set)  # before the server closes
         stream = self.client(server).stream(HI)
         pieces, problems, first = [], [], threading.Event()
 
@@ -2060,7 +2061,9 @@ class StreamTest(LoopbackCase):
         reader = threading.Thread(target=iterate, daemon=True)
         reader.start()
         self.assertTrue(first.wait(5))
-        time.sleep(0.1)  # the reader is now waiting for "b", inside the stream
+        # the reader is now waiting for "b", inside the stream
+        self.assertTrue(wait_until(lambda: read_elsewhere(stream)), "the reader did not read on")
+        go_on.set()
         response = stream.response
         reader.join(5)
         self.assertFalse(reader.is_alive())
@@ -2111,18 +2114,21 @@ class ForkTest(LoopbackCase):
 
     def wait(self, pids):
         """The children's exit statuses, waiting 30 s at most."""
-        statuses, give_up = {}, time.monotonic() + 30
-        while len(statuses) < len(pids) and time.monotonic() < give_up:
-            for pid in pids:
-                if pid not in statuses:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        statuses[pid] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status
-            time.sleep(0.01)
-        for pid in set(pids) - set(statuses):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        return [statuses.get(pid, "hung") for pid in pids]
+        statuses = {}
+
+        def reap(pid):  # in a thread for each child: waitpid() returns as the child ends
+            _, status = os.waitpid(pid, 0)
+            statuses[pid] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status
+        reapers = [in_thread(reap, pid)[0] for pid in pids]
+        give_up = time.monotonic() + 30
+        for reaper in reapers:
+            reaper.join(max(0, give_up - time.monotonic()))
+        hung = [pid for pid, reaper in zip(pids, reapers) if reaper.is_alive()]
+        for pid in hung:
+            os.kill(pid, signal.SIGKILL)  # its reaper takes its status and ends
+        for reaper in reapers:
+            reaper.join(10)
+        return ["hung" if pid in hung else statuses.get(pid) for pid in pids]
 
     def test_children_and_parent_each_get_their_own_answers(self):
         server = self.serve(echo)
@@ -2147,14 +2153,17 @@ class ForkTest(LoopbackCase):
         self.assertEqual(server.connections, 1)
 
     def test_a_child_that_cancels_does_not_shut_down_the_parents_call(self):
-        server = self.serve(sse(delta("a"), 0.5, delta("b", "stop")))
+        # the call is in flight once its request has arrived, and stays so until the child
+        # that cancels has ended
+        arrived, child_ended = threading.Event(), threading.Event()
+        server = self.serve([arrived.set] + sse(delta("a"), lambda: child_ended.wait(10),
+                                                delta("b", "stop")))
+        self.addCleanup(child_ended.set)  # before the server closes
         client = self.client(server)
         thread, results = in_thread(client.chat_stream, HI, Writes())
-        for _ in range(200):  # until the call is in flight
-            if client._active and next(iter(client._active)).sock is not None:
-                break
-            time.sleep(0.01)
+        self.assertTrue(arrived.wait(10), "the call did not come")
         self.assertEqual(self.wait([self.fork(lambda: client.cancel() or True)]), [0])
+        child_ended.set()
         thread.join(10)
         self.assertEqual((results[0].content, results[0].stop_reason), ("ab", "stop"))
 
@@ -2214,7 +2223,8 @@ class InterimResponseTest(LoopbackCase):
         client = self.client(server)
         for text in ("one", "two", "three"):
             self.assertEqual(client.chat(say(text)).content, text)
-            time.sleep(0.1)  # the stray answer arrives while the connection is idle
+            # the stray answer arrives while the connection is idle
+            self.assertTrue(readable(idle_socket(client)), "the stray answer did not come")
 
     def test_stray_bytes_already_decrypted_are_never_the_next_answer(self):
         # over TLS, bytes sent right after an answer, in its last TLS record, wait in the
@@ -2273,7 +2283,7 @@ class InterimResponseTest(LoopbackCase):
         client = self.client(server)
         for text in ("one", "two"):
             self.assertEqual(client.chat(say(text)).content, text)
-            time.sleep(0.1)
+            self.assertTrue(readable(idle_socket(client)), "the stray answer did not come")
         quiet = self.serve(echo)
         client = self.client(quiet)
         self.assertEqual([client.chat(say(t)).content for t in "abc"], list("abc"))
@@ -2428,6 +2438,14 @@ class SSEFieldRulesTest(LoopbackCase):
         self.assertEqual(response.error, "the model is overloaded")
 
 
+def local_port(sock):
+    """The port of sock's own end: 0 until it is bound, or connects."""
+    try:
+        return sock.getsockname()[1] if sock is not None else 0
+    except OSError:  # closed
+        return 0
+
+
 class CancelWhileConnectingTest(LoopbackCase):
     """cancel() and Stream.close() wake a call blocked in the TCP connect or the TLS handshake."""
 
@@ -2446,18 +2464,23 @@ class CancelWhileConnectingTest(LoopbackCase):
         self.skipTest("this system does not make a connect wait on a full backlog")
 
     def silent_tls_url(self):
-        """An https URL whose server accepts the connection and never says a word."""
+        """An https URL whose server accepts the connection and never says a word.
+
+        ``self.hello`` is set once the client's first handshake message has come.
+        """
         listener = self.listener(4)
-        accepted = []
+        accepted, self.hello = [], threading.Event()
 
         def accept():
             try:
                 accepted.append(listener.accept()[0])
-            except OSError:  # the test ended first
+                if readable(accepted[0]):
+                    self.hello.set()
+            except (OSError, ValueError):  # the test ended first
                 pass
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
-        self.addCleanup(lambda: [sock.close() for sock in accepted])
+        self.addCleanup(lambda: [shut(sock) for sock in accepted])
         return "https://127.0.0.1:%d" % listener.getsockname()[1]
 
     def assert_woken(self, url, end):
@@ -2465,12 +2488,11 @@ class CancelWhileConnectingTest(LoopbackCase):
         client = self.client(url, timeout=(120, 5), ca_file=CA_FILE)
         stream = client.stream(HI)
         thread, results = in_thread(lambda: (list(stream), stream.response)[1])
-        for _ in range(300):  # until the call waits on its socket
-            calls = list(client._active)
-            if calls and calls[0].sock is not None:
-                break
-            time.sleep(0.01)
-        time.sleep(0.1)
+        if url.startswith("https:"):  # the client's hello has come: it waits for the server's
+            self.assertTrue(self.hello.wait(10), "the handshake did not begin")
+        else:  # the kernel gave the socket a port: its connect has begun, and waits
+            self.assertTrue(wait_until(lambda: local_port(call_socket(client))),
+                            "the connect did not begin")
         end(client, stream)
         thread.join(20)  # far below the 120 s connect timeout
         self.assertFalse(thread.is_alive(), "the call was not woken")

@@ -31,6 +31,14 @@ port), ``LoopbackCase`` (a test case that starts servers and clients and ends
 them with the test), ``Writes`` (an ``out`` that keeps each write),
 ``in_thread()``, ``Lines`` and ``traced()`` (a client's trace, made plain) and
 ``free_port()``. This module holds no tests.
+
+Tests order threads with events, never with pauses: a server's step sets an
+event the test waits on, or waits on one the test sets (each wait bounded), and
+``Server.wait_for_requests()`` waits until requests have arrived. For a state
+that nothing signals, ``wait_until()`` checks a condition until it holds, within
+a bound: the sockets a client keeps (``idle_socket()``, ``call_socket()``,
+``readable()``) and whether another thread is reading a stream
+(``read_elsewhere()``).
 """
 
 import json
@@ -39,6 +47,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 import unittest
 
 import llm
@@ -52,7 +61,6 @@ CLOSE, RESET, HANG = "close", "reset", "hang"
 UNREAD = "unread"  # an answer: wait for the request to arrive, then close without reading it
 SHUTDOWN = "shutdown"  # a step: close gracefully (a FIN), then read and drop what comes, as
                        # llama.cpp's server does right after a streamed answer
-
 
 
 # ---------------------------------------------------------------- the answers
@@ -237,6 +245,7 @@ class Server(Listening):
     def __init__(self, *answers, tls=False, port=0):
         self.answers = list(answers)
         self.requests = []
+        self.arrived = threading.Condition()  # notified as each request arrives
         self.unread = 0  # requests that arrived and were never read (UNREAD)
         self.context = None
         if tls:
@@ -291,6 +300,8 @@ class Server(Listening):
         with self.lock:
             self.requests.append(request)
             steps = self.answers[min(len(self.requests) + self.unread, len(self.answers)) - 1]
+        with self.arrived:
+            self.arrived.notify_all()
         if callable(steps):
             steps = steps(request)
         for step in steps:
@@ -314,6 +325,11 @@ class Server(Listening):
                 self.ended.wait(10)
                 return False
         return True
+
+    def wait_for_requests(self, count, timeout=10):
+        """Wait until ``count`` requests have arrived in all; whether they did in time."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.requests) >= count, timeout)
 
 
 class Proxy(Listening):
@@ -453,3 +469,52 @@ def traced(client, writer):
     client._tracer.flush(5)
     return [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", re.sub(r"\+\d+\.\d{3}s", "+T", line))
             for line in writer.text.splitlines()]
+
+
+# ---------------------------------------------------------------- what a test cannot be told
+
+
+def wait_until(condition, timeout=10, pause=0.01):
+    """Check ``condition()`` until it is true: its last value (false when timeout passed first).
+
+    For a state that nothing signals: another process's, the kernel's, or a
+    client's inside llm.py. Where the test, or a server's step, can set an
+    event instead, the test waits on that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(pause)
+
+
+def readable(sock, timeout=10):
+    """Wait until sock has something to read (bytes, or the peer's close); whether it came."""
+    if hasattr(select, "poll"):  # select() cannot watch a descriptor past FD_SETSIZE
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+def idle_socket(client):
+    """The socket of the connection that client keeps open for this thread between calls."""
+    slot = getattr(client._local, "slot", None)
+    connection = slot.connection if slot is not None else None
+    return connection.sock if connection is not None else None
+
+
+def call_socket(client):
+    """The socket of client's call in flight, as cancel() sees it (None before it has one)."""
+    with client._lock:
+        calls = list(client._active)
+    return calls[0].sock if calls else None
+
+
+def read_elsewhere(stream):
+    """Whether a thread other than this one is inside stream now, reading it."""
+    if stream._reading.acquire(False):  # the lock a reading thread holds while it reads
+        stream._reading.release()
+        return False
+    return True
