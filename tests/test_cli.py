@@ -22,7 +22,7 @@ if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 from tests.loopback import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port,
-                            head, message, sse)
+                            head, message, sse, wait_until)
 
 LLM = os.path.join(ROOT, "llm.py")
 WAIT = 20  # seconds: the longest any one command may take
@@ -605,6 +605,15 @@ class Terminal:
         came, self.position = self.seen[self.position:end], end
         return came.decode("utf-8", "replace")
 
+    def sleeping(self):
+        """Whether the program sleeps in a system call (after a prompt: waiting for a key)."""
+        try:
+            with open("/proc/%d/stat" % self.process.pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "S"
+        except OSError:  # no /proc here: ps tells the same
+            state = subprocess.check_output(["ps", "-o", "stat=", "-p", str(self.process.pid)])
+            return state.strip()[:1] in (b"S", b"I")
+
     def wait(self):
         deadline = time.monotonic() + WAIT
         while self.process.poll() is None and time.monotonic() < deadline:
@@ -732,7 +741,8 @@ class ChatLoopTest(CommandLineCase):
         server = self.serve(sse(delta("ok", "stop")))
         terminal = self.terminal("--base-url", server.url)
         terminal.expect("> ")
-        time.sleep(0.3)  # a signal just before readline waits for a key is seen at the next key
+        # a signal just before readline waits for a key is seen at the next key
+        self.assertTrue(wait_until(terminal.sleeping, WAIT), "the chat did not wait for a key")
         terminal.process.send_signal(signal.SIGINT)
         terminal.expect("> ")
         terminal.type("/exit\n")
