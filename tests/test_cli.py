@@ -237,10 +237,14 @@ class OnePromptTest(CommandLineCase):
         self.assertEqual((result.status, result.out), (0, "caf? ?\n"))
 
     def test_a_closed_stdout_ends_quietly(self):
-        server = self.serve(sse(delta("first "), 0.3, *[delta("more ") for _ in range(50)]))
+        closed = threading.Event()  # the rest of the reply comes once stdout is closed
+        server = self.serve(sse(delta("first "), lambda: closed.wait(WAIT),
+                                *[delta("more ") for _ in range(50)]))
+        self.addCleanup(closed.set)  # before the server closes
         process = self.start("--base-url", server.url, "Hi")
         read_until(process.stdout, b"first")
         process.stdout.close()  # as `| head -c 5` does
+        closed.set()
         self.assertEqual(process.wait(WAIT), 1)
         self.assertEqual(process.stderr.read(), b"")
 

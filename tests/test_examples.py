@@ -596,12 +596,16 @@ class RelayTest(ExampleCase):
         self.assertEqual(apart, [])
 
     def test_a_page_closed_mid_reply_does_not_break_the_server(self):
-        server = self.serve(sse(delta("one "), *[step for n in range(40) for step in (0.05, delta("more "))]),
+        gone = threading.Event()  # the rest of the reply comes once the tab has gone
+        more = [step for n in range(40) for step in (0.05, delta("more "))]
+        server = self.serve(sse(delta("one "), lambda: gone.wait(WAIT), *more),
                             sse(delta("next page", "stop")))
+        self.addCleanup(gone.set)  # before the server closes
         port = self.start_relay(server)
         reply = self.post(port, [{"role": "user", "content": "long"}])
         self.assertEqual(next(self.events(reply)), {"content": "one "})
         reply.close()  # the tab goes away
+        gone.set()
         self.relay_says(b"reply ended: writing the reply failed")  # relay.py saw it go
         events = list(self.events(self.post(port, [{"role": "user", "content": "again"}])))
         self.assertEqual(events, [{"content": "next page"}, "[DONE]"])
