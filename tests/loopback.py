@@ -4,7 +4,8 @@ A loopback server listens on 127.0.0.1 (port 0: any free port) and serves each
 connection in a thread of its own. It answers each request with the exact
 bytes of a case, in steps, so that a test says what the client sees and when.
 Its answers are used in order and the last one repeats. An answer is a list of
-steps, a generator of them, or a function of the ``Request`` that returns one.
+steps, or a function of the ``Request`` that returns the steps (a list, or a
+generator).
 
 The steps:
 
