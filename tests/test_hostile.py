@@ -1120,8 +1120,8 @@ class EdgeTest(HostileCase):
     def test_models_that_is_cancelled_says_so(self):
         body = b'{"data": [{"id": "m"}]}'
         sent = threading.Event()
-        head_and_some = head(content_type="application/json", chunked=False, length=len(body)) + body[:5]
-        server = self.serve([head_and_some, sent.set, HANG])
+        first = head(content_type="application/json", chunked=False, length=len(body)) + body[:5]
+        server = self.serve([first, sent.set, HANG])
         client = self.client(server, timeout=10)
         box = []
         thread = threading.Thread(target=lambda: box.append(client.models()), daemon=True)
