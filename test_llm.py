@@ -2,17 +2,16 @@
 
 Every HTTP test talks to a real server on 127.0.0.1 (port 0, in a thread) that
 sends the exact bytes of its case, in the steps the case gives: each ``bytes``
-step is one send (a flush boundary the client sees), a number is a pause.
+step is one send (a flush boundary the client sees), a number is a pause. The
+servers, and the builders of their answers, are in ``tests/loopback.py``.
 """
 
 import base64
 import io
 import json
 import os
-import select
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,324 +21,12 @@ import unittest
 from unittest import mock
 
 import llm
+from tests.loopback import (CA_FILE, CLOSE, END, HANG, HI, KEY, RESET, SHUTDOWN, UNREAD, Lines,
+                            LoopbackCase, Proxy, Writes, answer, call_socket, chunk, delta, echo,
+                            event, free_port, head, idle_socket, in_thread, message, raw_sse,
+                            read_elsewhere, readable, say, shut, sse, traced, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CA_FILE = os.path.join(HERE, "tests", "testdata", "ca.pem")
-SERVER_PEM = os.path.join(HERE, "tests", "testdata", "server.pem")
-KEY = "sk-test-SECRET-0123456789"
-HI = [{"role": "user", "content": "Hi"}]
-CLOSE, RESET, HANG = "close", "reset", "hang"
-UNREAD = "unread"  # an answer: wait for the request to arrive, then close without reading it
-SHUTDOWN = "shutdown"  # a step: close gracefully (a FIN), then read and drop what comes, as
-                       # llama.cpp's server does right after a streamed answer
-
-
-# ---------------------------------------------------------------- the loopback server
-
-
-def chunk(data):
-    """One HTTP/1.1 chunk."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-END = b"0\r\n\r\n"
-
-
-def head(status=200, content_type="text/event-stream", chunked=True, length=None, extra=""):
-    lines = ["HTTP/1.1 %d %s" % (status, "OK" if status == 200 else "Status")]
-    if content_type:
-        lines.append("Content-Type: " + content_type)
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    elif length is not None:
-        lines.append("Content-Length: %d" % length)
-    else:
-        lines.append("Connection: close")
-    if extra:
-        lines.append(extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def event(obj):
-    """A ``data:`` event for a dict, or the given text as it is."""
-    text = obj if isinstance(obj, (str, bytes)) else json.dumps(obj, ensure_ascii=False)
-    text = text.encode() if isinstance(text, str) else text
-    return b"data: " + text + b"\n\n"
-
-
-def delta(content=None, finish=None, **fields):
-    if content is not None:
-        fields["content"] = content
-    return {"id": "chatcmpl-1", "model": "m", "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": fields, "finish_reason": finish}]}
-
-
-def sse(*events, **options):
-    """Steps of a chunked event stream: one chunk per event, then [DONE] unless done=False."""
-    steps = [head()]
-    for item in events:
-        steps.append(chunk(event(item)) if isinstance(item, dict) else item)  # other steps as they are
-    if options.get("done", True):
-        steps.append(chunk(b"data: [DONE]\n\n"))
-    steps.append(END)
-    return steps
-
-
-def raw_sse(body, chunked=True):
-    """Steps that send ``body`` (bytes, or a list of bytes sends) as an event stream."""
-    parts = body if isinstance(body, list) else [body]
-    if not chunked:
-        return [head(chunked=False)] + parts + [CLOSE]
-    return [head()] + [chunk(p) for p in parts] + [END]
-
-
-def answer(obj, status=200, extra=""):
-    body = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
-    ctype = "application/json" if not isinstance(obj, bytes) else "text/html"
-    return [head(status, ctype, chunked=False, length=len(body), extra=extra) + body]
-
-
-def message(content="Hello", finish="stop", usage=None, **fields):
-    fields.setdefault("role", "assistant")
-    fields["content"] = content
-    reply = {"id": "chatcmpl-9", "model": "m", "object": "chat.completion",
-             "choices": [{"index": 0, "message": fields, "finish_reason": finish}]}
-    if usage:
-        reply["usage"] = usage
-    return reply
-
-
-class Request:
-    def __init__(self, connection, line, headers, body):
-        self.connection, self.line, self.headers, self.body = connection, line, headers, body
-        self.method, self.path = line.split()[:2]
-
-    def json(self):
-        return json.loads(self.body.decode())
-
-
-class Listening:
-    """A listener on a loopback port; ``serve(sock, number)`` serves each connection in a thread.
-
-    close() ends them all: it shuts down every socket, since closing a socket
-    wakes no thread blocked on it (a listener closed that way even goes on
-    accepting), and waits for every thread, so that a test leaves nothing running.
-    """
-
-    def __init__(self, port=0):
-        self.ended = threading.Event()
-        self.lock = threading.Lock()
-        self.sockets, self.threads = [], []
-        self.connections = 0
-        self.listener = socket.socket()
-        if port:  # a given port can be taken again while the connections of the last are closing
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", port))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.start(self._accept)
-
-    def start(self, target, *args):
-        """Run target(*args) in a thread that close() waits for."""
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        with self.lock:
-            self.threads.append(thread)
-        thread.start()
-
-    def keep(self, sock):
-        """Have close() shut sock down; once close() has begun, close it and say False."""
-        with self.lock:
-            if not self.ended.is_set():
-                self.sockets.append(sock)
-                return True
-        sock.close()
-        return False
-
-    def close(self):
-        with self.lock:
-            self.ended.set()
-            sockets = [self.listener] + self.sockets
-        for sock in sockets:
-            shut(sock)
-        index = 0
-        while index < len(self.threads):  # a thread may start another until it ends
-            self.threads[index].join(10)
-            if self.threads[index].is_alive():
-                raise AssertionError("a loopback server's thread did not end: %r" % self.threads[index])
-            index += 1
-
-    def _accept(self):
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.keep(sock):
-                return
-            with self.lock:
-                self.connections += 1
-                number = self.connections
-            self.start(self.serve, sock, number)
-
-
-def shut(sock):
-    """Shut sock down, waking any thread blocked on it, and close it."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
-class Server(Listening):
-    """A loopback HTTP server that answers each request with the steps of an answer.
-
-    Answers are used in order and the last one repeats. An answer is a list of
-    steps, or a function of the Request that returns one. Steps: bytes (one
-    send), a number (seconds to pause), a function (called), CLOSE, RESET
-    (a TCP reset) or HANG (wait until the test ends). ``port`` is any free
-    port, unless given: a server can come back where one went away.
-    """
-
-    def __init__(self, *answers, tls=False, port=0):
-        self.answers = list(answers)
-        self.requests = []
-        self.unread = 0  # requests that arrived and were never read (UNREAD)
-        self.context = None
-        if tls:
-            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.context.load_cert_chain(SERVER_PEM)
-        Listening.__init__(self, port)
-        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
-
-    def serve(self, sock, number):
-        reader = None
-        try:
-            sock.settimeout(10)
-            # each step goes out as it is given, not held back for the client's ACK (Nagle's)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.context is not None:
-                sock = self.context.wrap_socket(sock, server_side=True)
-                if not self.keep(sock):  # the wrapped socket is the one to shut down now
-                    return
-            reader = sock.makefile("rb")
-            while self._answer(sock, reader, number):
-                pass
-        except (OSError, ValueError):
-            pass
-        finally:
-            try:  # the reader holds the socket open until closed (PyPy has no refcounting)
-                if reader is not None:
-                    reader.close()
-                sock.close()
-            except OSError:
-                pass
-
-    def _answer(self, sock, reader, number):
-        with self.lock:
-            upcoming = self.answers[min(len(self.requests) + self.unread + 1, len(self.answers)) - 1]
-        if upcoming == UNREAD:  # a keep-alive timeout that fires as the request arrives
-            select.select([sock], [], [], 10)
-            with self.lock:
-                self.unread += 1
-            return False  # closed with the request unread: the kernel answers with a reset
-        line = reader.readline()
-        if not line:
-            return False
-        headers = {}
-        while True:
-            header = reader.readline()
-            if header in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = header.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = reader.read(int(headers.get("content-length", 0)))
-        request = Request(number, line.decode("latin-1"), headers, body)
-        with self.lock:
-            self.requests.append(request)
-            steps = self.answers[min(len(self.requests) + self.unread, len(self.answers)) - 1]
-        if callable(steps):
-            steps = steps(request)
-        for step in steps:
-            if isinstance(step, bytes):
-                sock.sendall(step)
-            elif isinstance(step, (int, float)):
-                self.ended.wait(step)
-            elif callable(step):
-                step()
-            elif step == CLOSE:
-                return False
-            elif step == SHUTDOWN:
-                sock.shutdown(socket.SHUT_WR)
-                while reader.read1(65536):  # bounded: the client closes its end, or the test ends
-                    pass
-                return False
-            elif step == RESET:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                return False
-            elif step == HANG:
-                self.ended.wait(10)
-                return False
-        return True
-
-
-class LoopbackCase(unittest.TestCase):
-    """A test case with helpers to start loopback servers and clients for them."""
-
-    def serve(self, *answers, **options):
-        server = Server(*answers, **options)
-        self.addCleanup(server.close)
-        return server
-
-    def listener(self, backlog):
-        """A socket listening on a loopback port, closed when the test ends; nothing accepts."""
-        listener = socket.socket()
-        self.addCleanup(shut, listener)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(backlog)
-        return listener
-
-    def client(self, server, **options):
-        options.setdefault("model", "m")
-        options.setdefault("timeout", 5)
-        options.setdefault("api_key", "")
-        client = llm.Client(server.url if isinstance(server, Server) else server, **options)
-        self.addCleanup(client.close)
-        return client
-
-    def stream(self, steps, **options):
-        """Serve one answer, stream it with chat_stream; return (response, writes, server)."""
-        server = self.serve(steps)
-        writes = []
-        response = self.client(server, **options).chat_stream(HI, Writes(writes))
-        return response, writes, server
-
-
-class Writes:
-    """An ``out`` that keeps each write, and can fail or signal on them."""
-
-    def __init__(self, writes=None, fail_after=None, on_write=None):
-        self.writes = writes if writes is not None else []
-        self.fail_after, self.on_write = fail_after, on_write
-        self.flushes = 0
-
-    def write(self, text):
-        if self.fail_after is not None and len(self.writes) >= self.fail_after:
-            raise BrokenPipeError(32, "Broken pipe")
-        self.writes.append(text)
-        if self.on_write:
-            self.on_write(text)
-
-    def flush(self):
-        self.flushes += 1
-
-
-def in_thread(function, *args):
-    """Run function in a thread; return (thread, results list)."""
-    results = []
-    thread = threading.Thread(target=lambda: results.append(function(*args)), daemon=True)
-    thread.start()
-    return thread, results
 
 
 # ---------------------------------------------------------------- public surface
@@ -1599,9 +1286,7 @@ class NetworkTest(LoopbackCase):
         client = self.client(server, timeout=60)
         thread, results = in_thread(client.chat, HI)
         thread2, results2 = in_thread(lambda: list(client.stream(HI)))
-        deadline = time.time() + 5
-        while len(server.requests) < 2 and time.time() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(server.wait_for_requests(2), "the calls did not come")
         client.cancel()
         thread.join(5)
         thread2.join(5)
@@ -1624,7 +1309,8 @@ class NetworkTest(LoopbackCase):
         server = self.serve(answer(message("first")) + [CLOSE], answer(message("second")))
         client = self.client(server)
         self.assertEqual(client.chat(HI).content, "first")
-        time.sleep(0.05)  # the server's FIN arrives while the connection is idle
+        # the server's FIN arrives while the connection is idle
+        self.assertTrue(readable(idle_socket(client)), "the server's close did not come")
         response = client.chat(HI)
         self.assertEqual((response.content, response.error), ("second", ""))
         self.assertEqual(server.connections, 2)
@@ -1774,57 +1460,6 @@ class RetryTest(LoopbackCase):
 
 
 # ---------------------------------------------------------------- TLS and proxies
-
-
-class Proxy(Listening):
-    """A loopback proxy: CONNECT tunnels and absolute-URL forwarding, all to one port."""
-
-    def __init__(self, target_port):
-        self.target_port, self.seen = target_port, []
-        Listening.__init__(self)
-        self.url = "http://127.0.0.1:%d" % self.port
-
-    def serve(self, sock, number):
-        sock.settimeout(10)
-        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-        reader = None
-        try:
-            if not self.keep(upstream):
-                return
-            reader = sock.makefile("rb")
-            lines = [reader.readline()]
-            while lines[-1] not in (b"\r\n", b""):
-                lines.append(reader.readline())
-            self.seen.append(b"".join(lines).decode("latin-1"))
-            if lines[0].startswith(b"CONNECT"):
-                sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                length = [int(l.split(b":")[1]) for l in lines if l.lower().startswith(b"content-length")]
-                upstream.sendall(b"".join(lines) + reader.read(length[0] if length else 0))
-            self.start(pipe, upstream, sock)
-            pipe(sock, upstream)
-        except OSError:
-            pass
-        finally:
-            if reader is not None:
-                reader.close()
-            upstream.close()
-            sock.close()
-
-
-def pipe(source, target):
-    try:
-        while True:
-            data = source.recv(65536)
-            if not data:
-                break
-            target.sendall(data)
-    except OSError:
-        pass
-    try:
-        target.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
 
 
 def environment(**values):
@@ -2256,13 +1891,12 @@ class NoExceptionTest(LoopbackCase):
 
     @unittest.skipUnless(hasattr(signal, "SIGINT") and os.name == "posix", "POSIX signals")
     def test_a_call_interrupted_while_waiting_leaves_a_usable_client(self):
-        server = self.serve([HANG], answer(message("after")))
+        # Ctrl-C comes once the request has arrived: the call waits for the answer
+        server = self.serve([lambda: os.kill(os.getpid(), signal.SIGINT), HANG],
+                            answer(message("after")))
         client = self.client(server)
-        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
         with self.assertRaises(KeyboardInterrupt):
             client.chat(HI)  # blocked reading the answer when Ctrl-C comes
-        timer.join()
         self.assertEqual(client.chat(HI).content, "after")  # not the half-used connection
 
     @unittest.skipUnless(hasattr(signal, "SIGINT") and os.name == "posix", "POSIX signals")
@@ -2425,7 +2059,9 @@ class StreamTest(LoopbackCase):
         self.assertEqual(server.requests, [])
 
     def test_response_read_while_another_thread_iterates(self):
-        server = self.serve(sse(delta("a"), 0.5, delta("b"), delta("c", "stop")))
+        go_on = threading.Event()  # "b" waits until the reader waits for it
+        server = self.serve(sse(delta("a"), lambda: go_on.wait(10), delta("b"), delta("c", "stop")))
+        self.addCleanup(go_on.set)  # before the server closes
         stream = self.client(server).stream(HI)
         pieces, problems, first = [], [], threading.Event()
 
@@ -2440,7 +2076,9 @@ class StreamTest(LoopbackCase):
         reader = threading.Thread(target=iterate, daemon=True)
         reader.start()
         self.assertTrue(first.wait(5))
-        time.sleep(0.1)  # the reader is now waiting for "b", inside the stream
+        # the reader is now waiting for "b", inside the stream
+        self.assertTrue(wait_until(lambda: read_elsewhere(stream)), "the reader did not read on")
+        go_on.set()
         response = stream.response
         reader.join(5)
         self.assertFalse(reader.is_alive())
@@ -2457,15 +2095,6 @@ class StreamTest(LoopbackCase):
 
 
 # ---------------------------------------------------------------- a response is this call's answer
-
-
-def say(text):
-    return [{"role": "user", "content": text}]
-
-
-def echo(request):
-    """An answer that repeats the request's last message: each call can tell its own."""
-    return answer(message(request.json()["messages"][-1]["content"]))
 
 
 def say_in_child(text):
@@ -2500,18 +2129,21 @@ class ForkTest(LoopbackCase):
 
     def wait(self, pids):
         """The children's exit statuses, waiting 30 s at most."""
-        statuses, give_up = {}, time.monotonic() + 30
-        while len(statuses) < len(pids) and time.monotonic() < give_up:
-            for pid in pids:
-                if pid not in statuses:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        statuses[pid] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status
-            time.sleep(0.01)
-        for pid in set(pids) - set(statuses):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        return [statuses.get(pid, "hung") for pid in pids]
+        statuses = {}
+
+        def reap(pid):  # in a thread for each child: waitpid() returns as the child ends
+            _, status = os.waitpid(pid, 0)
+            statuses[pid] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -status
+        reapers = [in_thread(reap, pid)[0] for pid in pids]
+        give_up = time.monotonic() + 30
+        for reaper in reapers:
+            reaper.join(max(0, give_up - time.monotonic()))
+        hung = [pid for pid, reaper in zip(pids, reapers) if reaper.is_alive()]
+        for pid in hung:
+            os.kill(pid, signal.SIGKILL)  # its reaper takes its status and ends
+        for reaper in reapers:
+            reaper.join(10)
+        return ["hung" if pid in hung else statuses.get(pid) for pid in pids]
 
     def test_children_and_parent_each_get_their_own_answers(self):
         server = self.serve(echo)
@@ -2536,14 +2168,17 @@ class ForkTest(LoopbackCase):
         self.assertEqual(server.connections, 1)
 
     def test_a_child_that_cancels_does_not_shut_down_the_parents_call(self):
-        server = self.serve(sse(delta("a"), 0.5, delta("b", "stop")))
+        # the call is in flight once its request has arrived, and stays so until the child
+        # that cancels has ended
+        arrived, child_ended = threading.Event(), threading.Event()
+        server = self.serve([arrived.set] + sse(delta("a"), lambda: child_ended.wait(10),
+                                                delta("b", "stop")))
+        self.addCleanup(child_ended.set)  # before the server closes
         client = self.client(server)
         thread, results = in_thread(client.chat_stream, HI, Writes())
-        for _ in range(200):  # until the call is in flight
-            if client._active and next(iter(client._active)).sock is not None:
-                break
-            time.sleep(0.01)
+        self.assertTrue(arrived.wait(10), "the call did not come")
         self.assertEqual(self.wait([self.fork(lambda: client.cancel() or True)]), [0])
+        child_ended.set()
         thread.join(10)
         self.assertEqual((results[0].content, results[0].stop_reason), ("ab", "stop"))
 
@@ -2603,7 +2238,8 @@ class InterimResponseTest(LoopbackCase):
         client = self.client(server)
         for text in ("one", "two", "three"):
             self.assertEqual(client.chat(say(text)).content, text)
-            time.sleep(0.1)  # the stray answer arrives while the connection is idle
+            # the stray answer arrives while the connection is idle
+            self.assertTrue(readable(idle_socket(client)), "the stray answer did not come")
 
     def test_stray_bytes_already_decrypted_are_never_the_next_answer(self):
         # over TLS, bytes sent right after an answer, in its last TLS record, wait in the
@@ -2662,7 +2298,7 @@ class InterimResponseTest(LoopbackCase):
         client = self.client(server)
         for text in ("one", "two"):
             self.assertEqual(client.chat(say(text)).content, text)
-            time.sleep(0.1)
+            self.assertTrue(readable(idle_socket(client)), "the stray answer did not come")
         quiet = self.serve(echo)
         client = self.client(quiet)
         self.assertEqual([client.chat(say(t)).content for t in "abc"], list("abc"))
@@ -2817,6 +2453,14 @@ class SSEFieldRulesTest(LoopbackCase):
         self.assertEqual(response.error, "the model is overloaded")
 
 
+def local_port(sock):
+    """The port of sock's own end: 0 until it is bound, or connects."""
+    try:
+        return sock.getsockname()[1] if sock is not None else 0
+    except OSError:  # closed
+        return 0
+
+
 class CancelWhileConnectingTest(LoopbackCase):
     """cancel() and Stream.close() wake a call blocked in the TCP connect or the TLS handshake."""
 
@@ -2835,18 +2479,23 @@ class CancelWhileConnectingTest(LoopbackCase):
         self.skipTest("this system does not make a connect wait on a full backlog")
 
     def silent_tls_url(self):
-        """An https URL whose server accepts the connection and never says a word."""
+        """An https URL whose server accepts the connection and never says a word.
+
+        ``self.hello`` is set once the client's first handshake message has come.
+        """
         listener = self.listener(4)
-        accepted = []
+        accepted, self.hello = [], threading.Event()
 
         def accept():
             try:
                 accepted.append(listener.accept()[0])
-            except OSError:  # the test ended first
+                if readable(accepted[0]):
+                    self.hello.set()
+            except (OSError, ValueError):  # the test ended first
                 pass
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
-        self.addCleanup(lambda: [sock.close() for sock in accepted])
+        self.addCleanup(lambda: [shut(sock) for sock in accepted])
         return "https://127.0.0.1:%d" % listener.getsockname()[1]
 
     def assert_woken(self, url, end):
@@ -2854,12 +2503,11 @@ class CancelWhileConnectingTest(LoopbackCase):
         client = self.client(url, timeout=(120, 5), ca_file=CA_FILE)
         stream = client.stream(HI)
         thread, results = in_thread(lambda: (list(stream), stream.response)[1])
-        for _ in range(300):  # until the call waits on its socket
-            calls = list(client._active)
-            if calls and calls[0].sock is not None:
-                break
-            time.sleep(0.01)
-        time.sleep(0.1)
+        if url.startswith("https:"):  # the client's hello has come: it waits for the server's
+            self.assertTrue(self.hello.wait(10), "the handshake did not begin")
+        else:  # the kernel gave the socket a port: its connect has begun, and waits
+            self.assertTrue(wait_until(lambda: local_port(call_socket(client))),
+                            "the connect did not begin")
         end(client, stream)
         thread.join(20)  # far below the 120 s connect timeout
         self.assertFalse(thread.is_alive(), "the call was not woken")
@@ -3374,24 +3022,6 @@ class ServerTimingsTest(LoopbackCase):
         self.assertEqual(response.timings, self.TIMINGS)
 
 
-class Lines:
-    """A trace writer that keeps its lines."""
-
-    def __init__(self):
-        self.text = ""
-
-    def write(self, text):
-        self.text += text
-
-
-def traced(client, writer):
-    """The lines traced so far, times and ports made plain: "+0.012s" is "+T"."""
-    import re
-    client._settings.tracer.flush(5)
-    return [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", re.sub(r"\+\d+\.\d{3}s", "+T", line))
-            for line in writer.text.splitlines()]
-
-
 def request_lines(body, accept):
     length = len(json.dumps(body))
     return ["* request to 127.0.0.1:PORT", "> POST /v1/chat/completions HTTP/1.1",
@@ -3587,14 +3217,6 @@ class SetupErrorTest(LoopbackCase):
             self.assertTrue(data.startswith(b"\x16\x03"), data[:40])  # a TLS ClientHello
             self.assertNotIn(b"POST", data)
             self.assertNotIn(KEY.encode(), data)
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 if __name__ == "__main__":

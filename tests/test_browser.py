@@ -2,7 +2,7 @@
 
 Run with ``python -m unittest tests.test_browser``. It is skipped when
 /usr/bin/chromium is absent (a failure instead when LLM_BROWSER_REQUIRED is
-set). The test starts a loopback LLM server (from test_llm) that sends its
+set). The test starts a loopback LLM server (from tests/loopback.py) that sends its
 reply in pieces with pauses, relay.py on a free port, and Chromium with
 ``--remote-debugging-port``, spoken to through a minimal WebSocket client
 written here (standard library only). It types a prompt into the page,
@@ -32,14 +32,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import Server, answer, delta, sse
+from tests.loopback import Server, answer, delta, sse, wait_until
 
 RELAY = os.path.join(ROOT, "examples", "relay.py")
 CHROMIUM = "/usr/bin/chromium"
@@ -166,13 +165,10 @@ class Tab:
 
     def wait_for(self, expression, timeout=WAIT, pause=0.05):
         """Evaluate expression until it is true; return its value."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(pause)
-        raise AssertionError("%s stayed false for %gs" % (expression, timeout))
+        value = wait_until(lambda: self.evaluate(expression), timeout, pause)
+        if not value:
+            raise AssertionError("%s stayed false for %gs" % (expression, timeout))
+        return value
 
     def open(self, url):
         self.call("Page.navigate", url=url)
@@ -235,7 +231,7 @@ class RelayInChromiumTest(unittest.TestCase):
                                       cls.llm_server.url, "--model", "m"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        cls.relay_log = []
+        cls.relay_log, cls.relay_logged = [], threading.Condition()  # notified at each line
         first_line = threading.Event()
         threading.Thread(target=cls._read_log, args=(first_line,), daemon=True).start()
         if not first_line.wait(WAIT) or not cls.relay_log[0].startswith("serving http://127.0.0.1:"):
@@ -257,7 +253,9 @@ class RelayInChromiumTest(unittest.TestCase):
     @classmethod
     def _read_log(cls, first_line):
         for line in iter(cls.relay.stderr.readline, b""):
-            cls.relay_log.append(line.decode("utf-8", "replace").rstrip("\n"))
+            with cls.relay_logged:
+                cls.relay_log.append(line.decode("utf-8", "replace").rstrip("\n"))
+                cls.relay_logged.notify_all()
             first_line.set()
         first_line.set()
 
@@ -265,19 +263,20 @@ class RelayInChromiumTest(unittest.TestCase):
     def _devtools_port(cls):
         """Chromium writes the port it chose into DevToolsActivePort in its profile."""
         path = os.path.join(cls.profile, "DevToolsActivePort")
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
+
+        def port():
             if cls.browser.poll() is not None:
                 raise AssertionError("Chromium ended with status %s" % cls.browser.returncode)
             try:
                 with open(path) as f:
                     port = f.readline().strip()
-                if port.isdigit():
-                    return int(port)
             except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("Chromium did not open its DevTools port")
+                return None
+            return int(port) if port.isdigit() else None
+        found = wait_until(port, WAIT, 0.05)
+        if not found:
+            raise AssertionError("Chromium did not open its DevTools port")
+        return found
 
     @classmethod
     def tearDownClass(cls):
@@ -342,6 +341,12 @@ class RelayInChromiumTest(unittest.TestCase):
         sys.stderr.write("\nscreenshot: %s\n" % path)
         return path
 
+    def wait_for_log(self, condition, failure):
+        """Wait until condition() holds, as relay.py's log grows; else fail, saying failure()."""
+        with self.relay_logged:
+            if not self.relay_logged.wait_for(condition, WAIT):
+                self.fail(failure())
+
     def tearDown(self):
         self.assertNotIn("Traceback", "\n".join(self.relay_log))
         self.assertIsNone(self.relay.poll(), "relay.py ended")
@@ -391,10 +396,9 @@ class RelayInChromiumTest(unittest.TestCase):
         self.screenshot(storyteller, "relay-story-before-closing.png")
         requests_before = len(self.llm_server.requests)
         self.close_tab(storyteller)
-        deadline = time.monotonic() + WAIT
-        while not any("reply ended: writing the reply failed" in line for line in self.relay_log):
-            self.assertLess(time.monotonic(), deadline, "relay.py did not notice the closed tab")
-            time.sleep(0.05)
+        self.wait_for_log(lambda: any("reply ended: writing the reply failed" in line
+                                      for line in self.relay_log),
+                          lambda: "relay.py did not notice the closed tab")
         self.assert_a_new_tab_chats("Why is the sky blue? Again.", requests_before)
         other.type_and_send("And the sunset?")  # a tab open all along keeps its conversation
         other.wait_for("!document.getElementById('send').disabled"
@@ -426,10 +430,16 @@ class RelayInChromiumTest(unittest.TestCase):
         tab.wait_for("document.readyState === 'complete' && document.title === 'elsewhere'")
         chat = json.dumps(self.url + "chat")
         body = json.dumps(json.dumps({"messages": [{"role": "user", "content": "spend the key"}]}))
-        # a "simple" request, sent without asking: the page cannot read the reply, the server must refuse it
+        # a "simple" request, sent without asking: the page cannot read the reply, the server must
+        # refuse it. Its type is given once the whole answer has come (its resource timing entry
+        # is made then): a post the relay let through would have reached the LLM server by then,
+        # as relay.py ends its answer when the LLM server's reply has ended
+        loaded = ("new Promise(done => new PerformanceObserver((seen, observer) => {"
+                  " if (seen.getEntriesByName(%s).length) { observer.disconnect(); done(r.type); }"
+                  " }).observe({type: 'resource', buffered: true}))" % chat)
         self.assertEqual(tab.evaluate("fetch(%s, {method: 'POST', mode: 'no-cors', body: %s,"
-                                      " headers: {'Content-Type': 'text/plain'}}).then(r => r.type)"
-                                      % (chat, body)), "opaque")
+                                      " headers: {'Content-Type': 'text/plain'}}).then(r => %s)"
+                                      % (chat, body, loaded)), "opaque")
         # JSON asks first (a CORS preflight), and the relay does not say yes
         self.assertEqual(tab.evaluate("fetch(%s, {method: 'POST', body: %s, headers: {'Content-Type':"
                                       " 'application/json'}}).then(r => 'read: ' + r.status, e => e.name)"
@@ -442,14 +452,11 @@ class RelayInChromiumTest(unittest.TestCase):
               form.action = %s;
               field.name = '{"messages": [{"role": "user", "content": "spend the key';
               field.value = '"}]}';
-              document.querySelector('iframe').onload = () => done(true);
+              document.querySelector('iframe').onload = () => done(true);  // the whole answer came
               form.submit();
             })""" % chat)
-        deadline = time.monotonic() + WAIT
-        while self.relay_posts() < posts_before + 2:  # the fetch and the form
-            self.assertLess(time.monotonic(), deadline, "the posts did not come: %r" % self.relay_log[-6:])
-            time.sleep(0.05)
-        time.sleep(0.2)  # time for a post the relay let through to reach the LLM server
+        self.wait_for_log(lambda: self.relay_posts() >= posts_before + 2,  # the fetch and the form
+                          lambda: "the posts did not come: %r" % self.relay_log[-6:])
         self.assertEqual(len(self.llm_server.requests), requests_before)
         self.assertEqual(self.relay_posts("403"), refusals_before + 2)
         # DNS rebinding: a page under a name of its own that now points at the relay

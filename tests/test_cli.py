@@ -1,7 +1,7 @@
 """Tests for llm.py's command line: run with ``python -m unittest tests.test_cli``.
 
 Each test runs ``python llm.py ...`` as a subprocess against a loopback server
-from test_llm (exact bytes, in steps). The chat loop is driven through a
+from tests/loopback.py (exact bytes, in steps). The chat loop is driven through a
 pseudo-terminal where the platform has one. Every wait is bounded.
 """
 
@@ -18,11 +18,11 @@ import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port, head,
-                      message, sse)
+from tests.loopback import (END, HANG, KEY, RESET, LoopbackCase, answer, chunk, delta, free_port,
+                            head, message, sse, wait_until)
 
 LLM = os.path.join(ROOT, "llm.py")
 WAIT = 20  # seconds: the longest any one command may take
@@ -237,10 +237,14 @@ class OnePromptTest(CommandLineCase):
         self.assertEqual((result.status, result.out), (0, "caf? ?\n"))
 
     def test_a_closed_stdout_ends_quietly(self):
-        server = self.serve(sse(delta("first "), 0.3, *[delta("more ") for _ in range(50)]))
+        closed = threading.Event()  # the rest of the reply comes once stdout is closed
+        server = self.serve(sse(delta("first "), lambda: closed.wait(WAIT),
+                                *[delta("more ") for _ in range(50)]))
+        self.addCleanup(closed.set)  # before the server closes
         process = self.start("--base-url", server.url, "Hi")
         read_until(process.stdout, b"first")
         process.stdout.close()  # as `| head -c 5` does
+        closed.set()
         self.assertEqual(process.wait(WAIT), 1)
         self.assertEqual(process.stderr.read(), b"")
 
@@ -605,6 +609,15 @@ class Terminal:
         came, self.position = self.seen[self.position:end], end
         return came.decode("utf-8", "replace")
 
+    def sleeping(self):
+        """Whether the program sleeps in a system call (after a prompt: waiting for a key)."""
+        try:
+            with open("/proc/%d/stat" % self.process.pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "S"
+        except OSError:  # no /proc here: ps tells the same
+            state = subprocess.check_output(["ps", "-o", "stat=", "-p", str(self.process.pid)])
+            return state.strip()[:1] in (b"S", b"I")
+
     def wait(self):
         deadline = time.monotonic() + WAIT
         while self.process.poll() is None and time.monotonic() < deadline:
@@ -732,7 +745,8 @@ class ChatLoopTest(CommandLineCase):
         server = self.serve(sse(delta("ok", "stop")))
         terminal = self.terminal("--base-url", server.url)
         terminal.expect("> ")
-        time.sleep(0.3)  # a signal just before readline waits for a key is seen at the next key
+        # a signal just before readline waits for a key is seen at the next key
+        self.assertTrue(wait_until(terminal.sleeping, WAIT), "the chat did not wait for a key")
         terminal.process.send_signal(signal.SIGINT)
         terminal.expect("> ")
         terminal.type("/exit\n")

@@ -1,8 +1,8 @@
 """Tests for the programs in examples/: run with ``python -m unittest tests.test_examples``.
 
-Each example runs as a subprocess against loopback servers from test_llm
-(exact bytes, in steps); relay.py is started on a free port and spoken to
-with http.client. Every wait is bounded.
+Each example runs as a subprocess against loopback servers from
+tests/loopback.py (exact bytes, in steps); relay.py is started on a free port
+and spoken to with http.client. Every wait is bounded.
 """
 
 import http.client
@@ -21,11 +21,11 @@ import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import Server, answer, delta, free_port, message, sse
-from tests.test_cli import WAIT, environment, run
+from tests.loopback import Server, answer, delta, free_port, message, sse
+from tests.test_cli import WAIT, environment, read_until, run
 
 EXAMPLES = os.path.join(ROOT, "examples")
 
@@ -362,6 +362,7 @@ class RelayTest(ExampleCase):
                                     "--base-url", server.url, "--model", "m"] + list(options),
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, env=environment())
+        process.said = b""  # its log, as far as the test has read it
         self.addCleanup(self.stop_relay, process)
         line = b""
         deadline = time.monotonic() + WAIT
@@ -377,11 +378,15 @@ class RelayTest(ExampleCase):
         self.relay = process
         return int(line.split(b":")[2].split(b"/")[0])
 
+    def relay_says(self, text):
+        """Read relay.py's log until ``text`` (bytes) comes in it."""
+        self.relay.said += read_until(self.relay.stderr, text)
+
     def stop_relay(self, process):
         if process.poll() is None:
             process.kill()
         process.wait(WAIT)
-        err = process.stderr.read().decode("utf-8", "replace")
+        err = (process.said + process.stderr.read()).decode("utf-8", "replace")
         process.stderr.close()
         self.assertNotIn("Traceback", err)
 
@@ -591,13 +596,17 @@ class RelayTest(ExampleCase):
         self.assertEqual(apart, [])
 
     def test_a_page_closed_mid_reply_does_not_break_the_server(self):
-        server = self.serve(sse(delta("one "), *[step for n in range(40) for step in (0.05, delta("more "))]),
+        gone = threading.Event()  # the rest of the reply comes once the tab has gone
+        more = [step for n in range(40) for step in (0.05, delta("more "))]
+        server = self.serve(sse(delta("one "), lambda: gone.wait(WAIT), *more),
                             sse(delta("next page", "stop")))
+        self.addCleanup(gone.set)  # before the server closes
         port = self.start_relay(server)
         reply = self.post(port, [{"role": "user", "content": "long"}])
         self.assertEqual(next(self.events(reply)), {"content": "one "})
         reply.close()  # the tab goes away
-        time.sleep(0.3)
+        gone.set()
+        self.relay_says(b"reply ended: writing the reply failed")  # relay.py saw it go
         events = list(self.events(self.post(port, [{"role": "user", "content": "again"}])))
         self.assertEqual(events, [{"content": "next page"}, "[DONE]"])
         self.assertIsNone(self.relay.poll())

@@ -18,11 +18,11 @@ import unittest
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
-from test_llm import END, HI, LoopbackCase, chunk, delta, head
+from tests.loopback import END, HI, LoopbackCase, chunk, delta, head
 
 try:
     from hypothesis import given, settings, strategies as st

@@ -34,12 +34,13 @@ import unittest
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
-from test_llm import (CLOSE, END, HANG, RESET, LoopbackCase, Server, Writes, answer, chunk, delta,
-                      free_port, head, message, raw_sse, sse)
+from tests.loopback import (CLOSE, END, HANG, RESET, Lines, LoopbackCase, Proxy, Server, Writes,
+                            answer, call_socket, chunk, delta, free_port, head, message, raw_sse,
+                            read_elsewhere, readable, sse, traced, wait_until)
 
 try:
     import hypothesis
@@ -737,7 +738,6 @@ class HostileServerTest(HostileCase):
         self.assertNotIn(KEY[:8], response.error)
 
     def test_proxy_credentials_and_credential_headers_are_redacted(self):
-        from test_llm import Proxy
         secrets = {"Authorization": "Basic " + base64.b64encode(b"someone:pw-0123456789").decode(),
                    "Cookie": "session=cs-0123456789; theme=dark", "X-Auth-Token": "at-0123456789"}
 
@@ -764,7 +764,6 @@ class HostileServerTest(HostileCase):
     def test_a_trace_never_holds_six_characters_of_a_secret(self):
         # every secret the client knows, in every form the error redaction covers, echoed by
         # the server in its headers and body, whole and cut across reads
-        from test_llm import Proxy, traced, Lines
         api_key = "sk-proj-" + "".join(random.choice("ABCDEFGHJKMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789")
                                        for _ in range(60))
         headers = {"Cookie": "session=cs-0123456789; theme=dark", "X-Auth-Token": "at-0123456789",
@@ -896,11 +895,11 @@ class HostileServerTest(HostileCase):
         if before is None:
             self.skipTest("no /proc: open sockets are not counted here")
         client.close()
-        gc.collect()
-        deadline = time.monotonic() + 3
-        while client_sockets(server.port) > before and time.monotonic() < deadline:
-            time.sleep(0.05)
+
+        def closed():  # the sockets of threads that ended go as their slots are collected
             gc.collect()
+            return client_sockets(server.port) <= before
+        wait_until(closed, 3, pause=0.05)
         self.assertEqual(client_sockets(server.port), before, "sockets leaked")
 
 
@@ -1109,9 +1108,9 @@ class EdgeTest(HostileCase):
         got = []
         thread = threading.Thread(target=lambda: got.extend(stream), daemon=True)
         thread.start()
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # "a" came, and the thread reads on, inside the stream
+        self.assertTrue(wait_until(lambda: got and read_elsewhere(stream)),
+                        "the stream did not start")
         try:
             stream.close()
         finally:
@@ -1145,15 +1144,19 @@ class EdgeTest(HostileCase):
     # the reading ("connection closed in the middle of a chunk: ..."), not "cancelled".
     def test_models_that_is_cancelled_says_so(self):
         body = b'{"data": [{"id": "m"}]}'
-        server = self.serve([head(content_type="application/json", chunked=False, length=len(body)) + body[:5], HANG])
+        sent = threading.Event()
+        first = head(content_type="application/json", chunked=False, length=len(body)) + body[:5]
+        server = self.serve([first, sent.set, HANG])
         client = self.client(server, timeout=10)
         box = []
         thread = threading.Thread(target=lambda: box.append(client.models()), daemon=True)
         thread.start()
-        deadline = time.monotonic() + 5
-        while not server.requests and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)
+        self.assertTrue(sent.wait(5), "the request did not come")
+
+        def reading():  # mid-answer: the client has read all that was sent, and waits for more
+            sock = call_socket(client)
+            return sock is not None and not readable(sock, 0)
+        self.assertTrue(wait_until(reading), "the client did not read the answer")
         client.cancel()
         thread.join(5)
         self.assertEqual((list(box[0]), box[0].error), ([], "cancelled"))

@@ -6,8 +6,8 @@ package takes ``import llm`` (as simonw's ``llm`` does); the distribution's meta
 and console script are what the README says; where flit_core is installed, the
 built wheel and sdist hold what they should; and with ``LLM_TEST_PYPI=1``, simonw's
 ``llm`` from PyPI and this distribution share a real venv, installed in either order
-and each uninstalled. Every call goes to a loopback server from test_llm; every wait
-is bounded.
+and each uninstalled. Every call goes to a loopback server from tests/loopback.py;
+every wait is bounded.
 """
 
 import base64
@@ -24,11 +24,11 @@ import unittest
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
-from test_llm import LoopbackCase, answer, delta, free_port, message, sse
+from tests.loopback import LoopbackCase, answer, delta, free_port, message, sse
 from tests.test_cli import WAIT, Result, Terminal, environment, pty, run
 
 

@@ -45,10 +45,11 @@ import uuid
 from urllib.parse import urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
+from tests.loopback import call_socket, idle_socket, readable, wait_until
 
 ENV = os.environ
 BASE_URL = ENV.get("LLM_TEST_BASE_URL", "").strip()
@@ -907,8 +908,7 @@ class Concurrency(LiveTestCase):
                 started.set()
 
         def canceller():
-            if started.wait(60):
-                time.sleep(0.2)  # well inside the stream
+            if started.wait(60):  # well inside the stream
                 moments["cancel"] = time.monotonic()
                 shared.cancel()
 
@@ -935,12 +935,21 @@ class Concurrency(LiveTestCase):
 
     def test_cancel_from_another_thread_ends_non_streamed_call_quickly(self):
         shared = client()
-        moments = {}
+        moments, over = {}, threading.Event()
+
+        def connected():
+            sock = call_socket(shared)
+            try:
+                return sock is not None and sock.getpeername() is not None
+            except OSError:  # not yet connected, or closed
+                return False
 
         def canceller():
-            time.sleep(0.3)
-            moments["cancel"] = time.monotonic()
-            shared.cancel()
+            # once the call is connected: it sends its request and waits for the answer, which
+            # takes seconds
+            if wait_until(lambda: over.is_set() or connected(), 60) and not over.is_set():
+                moments["cancel"] = time.monotonic()
+                shared.cancel()
 
         with LeftBehind():  # its probe of the server comes before the clocks start
             thread = threading.Thread(target=canceller)
@@ -948,6 +957,7 @@ class Concurrency(LiveTestCase):
             start = time.monotonic()
             reply = shared.chat(LONG_ASK, **abandoned_params())
             ended = time.monotonic()
+            over.set()  # let the canceller end if the call ended first
         thread.join(10)
         if reply.ok and ended < moments.get("cancel", ended + 1):
             self.skip_or_fail("the generation ended in %.2fs, before the cancel" % (ended - start))
@@ -1049,7 +1059,8 @@ class KeepAlive(LiveTestCase):
             self.skipTest("the server announces no short Keep-Alive timeout (%r)" % idle)
         reused = client()
         self.assertAnswered(reused.chat(ASK, max_tokens=8))
-        time.sleep(idle + 1.0)  # the server closes the idle connection meanwhile
+        # the server closes the idle connection meanwhile
+        self.assertTrue(readable(idle_socket(reused), idle + 10), "the idle connection stayed open")
         out = Recorder()
         reply = reused.chat_stream(ASK, out, max_tokens=8)
         self.assertAnswered(reply)

@@ -20,9 +20,9 @@ hypothesis test that draws from that space (skipped without hypothesis;
 and two bounds: the pauses before retries, and how many entries of an error
 list the message names.
 
-Every HTTP exchange is real, with a loopback server from test_llm that sends
-the exact bytes given; threads are ordered with events, and no test asserts
-a wall-clock time.
+Every HTTP exchange is real, with a loopback server from tests/loopback.py
+that sends the exact bytes given; threads are ordered with events, and no test
+asserts a wall-clock time.
 """
 
 import contextlib
@@ -40,12 +40,12 @@ import unittest
 from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
-from test_llm import (CLOSE, END, HANG, HI, RESET, LoopbackCase, Server, Writes, answer, chunk,
-                      delta, free_port, head, in_thread, message, sse)
+from tests.loopback import (CLOSE, END, HANG, HI, RESET, LoopbackCase, Server, Writes, answer,
+                            chunk, delta, free_port, head, in_thread, message, sse)
 from tests.test_cli import environment as cli_environment, read_until
 
 try:

@@ -2,9 +2,9 @@
 
 Each fenced ``python`` block of README.md runs in its own interpreter, from
 the checkout's root (so ``import llm`` is this checkout's), with every URL in it
-pointed at a loopback server from test_llm that answers as a model would:
-streamed text, whole replies with log-probabilities and a request id, and
-one tool call when tools are offered.
+pointed at a loopback server from tests/loopback.py that answers as a model
+would: streamed text, whole replies with log-probabilities and a request id,
+and one tool call when tools are offered.
 """
 
 import os
@@ -13,10 +13,10 @@ import sys
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a file: this checkout's llm.py and test_llm.py
+if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
-from test_llm import LoopbackCase, answer, delta, message, sse
+from tests.loopback import LoopbackCase, answer, delta, message, sse
 from tests.test_cli import environment, run
 
 URL = re.compile(r'"https?://[^"\s]+"')
