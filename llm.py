@@ -340,8 +340,7 @@ class SSEWriter:
     """
 
     def __init__(self, out: "Any") -> None:
-        self.out = out
-        self._binary = False
+        self.out, self._binary = out, False
 
     def write(self, text: str) -> None:
         """Send one delta as one event."""
@@ -1019,6 +1018,7 @@ class _Call:
                     pass
             else:
                 self._take_whole(answer, first)
+        self._rest()
         return self.response()
 
     def pieces(self, messages: "Any", params: "Dict[str, Any]") -> "Generator[str, None, None]":
@@ -1032,6 +1032,9 @@ class _Call:
                 text = self._take_whole(answer, first)
                 if text:
                     yield text
+        rest = self._rest()
+        if rest:
+            yield rest
 
     def listing(self) -> "List[str]":
         """``GET .../models``: the model ids (none when the call failed)."""
@@ -1039,6 +1042,11 @@ class _Call:
             self._check_settings()
             return _model_ids(self._read_json(self.exchange.request(None), b""))
         return []
+
+    def _rest(self) -> str:
+        """Text held back at a <think> block's edge, now that the reply has ended (whole, or
+        cut): but not after a cancel or the deadline, after which no text is given."""
+        return self.assembler.flush() if self.assembler.held and not self.guard.halted else ""
 
     def __enter__(self) -> None:
         self.started = time.monotonic()
@@ -1146,10 +1154,6 @@ class _Call:
             if envelope is None and len(events) == 1 and text and self.envelopes:
                 envelope = _Envelope.of(piece, text, events[0])
             data = data or read(answer)
-        if assembler.held:  # content held back while it might have opened a <think> block
-            rest = assembler.flush()
-            if rest:
-                yield rest
 
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
         data = self.exchange.read_all(answer, first)
@@ -1290,8 +1294,7 @@ class _Guard:
     timer = None  # type: Optional[threading.Timer]
 
     def __init__(self, client: Client) -> None:
-        self.client = client
-        self.pid = os.getpid()
+        self.client, self.pid = client, os.getpid()
 
     def start(self) -> None:
         """Be one of the client's calls in flight, and start the deadline's timer."""
@@ -1849,10 +1852,9 @@ class _Tracer:
     blocks neither breaks nor hangs a call (the lines it drops are counted)."""
 
     def __init__(self, out: "Any", secrets: "List[str]") -> None:
-        self.out, self.secrets = out, secrets
+        self.out, self.secrets, self.dropped = out, secrets, 0
         self.lock = threading.Lock()
         self.lines = None  # type: Any  # a queue.Queue, made with the thread
-        self.dropped = 0
 
     def line(self, text: str) -> None:
         """Trace one line: secrets hidden first, then cut."""

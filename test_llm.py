@@ -2886,6 +2886,20 @@ class ThinkTagTest(LoopbackCase):
         response = self.client(self.serve(steps), **options).chat_stream(HI, Both())
         return response, seen
 
+    def test_what_is_held_back_stays_when_the_stream_fails(self):
+        # text that may open a block ("  ", "<thi") or close it ("</thi") is held back from
+        # out.write; a stream cut there keeps it and writes it, as all that came: as content,
+        # or as reasoning inside a block
+        for pieces, content, reasoning in (([" "], " ", ""), (["\n", "<th"], "\n<th", ""),
+                                           (["<think>a", "</thi"], "", "a</thi")):
+            with self.subTest(pieces=pieces):
+                steps = sse(*[delta(piece) for piece in pieces], done=False)[:-1] + [CLOSE]
+                writes = []
+                response = self.client(self.serve(steps)).chat_stream(HI, Writes(writes))
+                self.assertEqual((response.stop_reason, response.error_kind), ("error", "network"))
+                self.assertEqual((response.content, response.reasoning), (content, reasoning))
+                self.assertEqual("".join(writes), content)  # written at the end, as it came
+
     def test_a_leading_block_is_reasoning_however_the_pieces_split(self):
         # vLLM without a reasoning parser, llama.cpp with --reasoning-format none, Ollama before
         # 0.12.4: the model's <think> block stays in the content
