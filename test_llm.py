@@ -3010,6 +3010,44 @@ class ResendTest(LoopbackCase):
         self.assertEqual(refusal(asked, 429, self.MAX_TOKENS[1]), None)
 
 
+class PolicyTest(unittest.TestCase):
+    """What a call does after an error answer, decided without a socket: llm._policy."""
+
+    def policy(self, status, raw="", retry_after=None, attempt=0, retries=2, body=None,
+               resent=frozenset()):
+        return llm._policy(body, status, raw, retry_after, attempt, retries, resent)
+
+    def test_retryable_statuses_and_failures_are_retried_while_retries_last(self):
+        for status in (0, 408, 409, 429, 500, 502, 503, 504):  # 0: no answer came
+            with self.subTest(status=status):
+                self.assertEqual(self.policy(status), ("retry", None))  # None: the backoff
+                self.assertEqual(self.policy(status, attempt=1), ("retry", None))
+                self.assertEqual(self.policy(status, attempt=2), ("fail", ""))
+                self.assertEqual(self.policy(status, retries=0), ("fail", ""))
+        for status in (400, 401, 403, 404, 405, 413, 422, 501):
+            with self.subTest(status=status):
+                self.assertEqual(self.policy(status), ("fail", ""))
+
+    def test_retry_after_is_the_delay_up_to_its_cap(self):
+        self.assertEqual(self.policy(503, retry_after="7"), ("retry", 7.0))
+        self.assertEqual(self.policy(429, retry_after="0"), ("retry", 0.0))
+        self.assertEqual(self.policy(429, retry_after="soon"), ("retry", None))  # unreadable
+        self.assertEqual(self.policy(503, retry_after="3600"),
+                         ("fail", " (the server asks to retry after 3600s)"))
+        self.assertEqual(self.policy(503, retry_after="3600", retries=0), ("fail", ""))
+
+    def test_a_known_refusal_is_resent_once_whatever_the_retries(self):
+        body = {"max_tokens": 5, "messages": HI}
+        status, said = ResendTest.MAX_TOKENS
+        raw = json.dumps(said).lower()
+        for retries in (0, 3):
+            self.assertEqual(self.policy(status, raw, retries=retries, body=body),
+                             ("resend", "max_tokens"))
+        self.assertEqual(self.policy(status, raw, body=body, resent=frozenset(["max_tokens"])),
+                         ("fail", ""))  # resent already: the answer stands
+        self.assertEqual(self.policy(status, raw), ("fail", ""))  # GET .../models: no body
+
+
 class ServerTimingsTest(LoopbackCase):
     """llama.cpp's own timings (tools/server/server-common.cpp), kept as numbers."""
 
