@@ -406,8 +406,7 @@ class Client:
                  params: "Optional[Dict[str, Any]]" = None, stream_usage: bool = True,
                  max_bytes: int = _MAX_BYTES, think_tags: bool = True,
                  trace: "Any" = None) -> None:
-        self._lock = threading.Lock()
-        self._local = threading.local()
+        self._lock, self._local = threading.Lock(), threading.local()
         self._active = set()  # type: Set[_Guard]  # the calls in flight, as cancel() wakes them
         self._connections = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._tls = None  # type: Any  # the SSL context, made by the first https call
@@ -2577,10 +2576,11 @@ def _warnings(notes: "Iterable[str]", body: "Dict[str, Any]", sent: int, reply: 
         made, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
         if type(made) is int and ("max_tokens" in body or "max_completion_tokens" in body):
             said += _over_limit(body, made)
-        messages = body["messages"]
-        # the cheap test: a word takes two characters of the request at least, after the
-        # 31 of {"messages": [], "stream": false} and the 29 each message takes at least
-        if type(prompt) is int and 2 * prompt < sent - 31 - 29 * len(messages):
+        messages, model = body["messages"], body.get("model")
+        # the cheap test: a word takes two characters of the request at least, after the 31 of
+        # {"messages": [], "stream": false}, the 29 each message takes, and "model": "..."
+        if type(prompt) is int and 2 * prompt < sent - 31 - 29 * len(messages) - (
+                13 + len(model) if type(model) is str else 0):
             said += _cut_prompt(messages, prompt, usage, fingerprint)
     if ("tools" in body or "functions" in body) and reply.content and not reply.tool_calls:
         said += _call_as_text(reply.content, body)
