@@ -2576,11 +2576,10 @@ def _warnings(notes: "Iterable[str]", body: "Dict[str, Any]", sent: int, reply: 
         made, prompt = usage.get("completion_tokens"), usage.get("prompt_tokens")
         if type(made) is int and ("max_tokens" in body or "max_completion_tokens" in body):
             said += _over_limit(body, made)
-        messages, model = body["messages"], body.get("model")
-        # the cheap test: a word takes two characters of the request at least, after the 31 of
-        # {"messages": [], "stream": false}, the 29 each message takes, and "model": "..."
-        if type(prompt) is int and 2 * prompt < sent - 31 - 29 * len(messages) - (
-                13 + len(model) if type(model) is str else 0):
+        messages = body["messages"]
+        # the cheap test: a word takes two characters of the request at least, after the
+        # 31 of {"messages": [], "stream": false} and the 29 each message takes at least
+        if type(prompt) is int and 2 * prompt < sent - 31 - 29 * len(messages):
             said += _cut_prompt(messages, prompt, usage, fingerprint)
     if ("tools" in body or "functions" in body) and reply.content and not reply.tool_calls:
         said += _call_as_text(reply.content, body)
