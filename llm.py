@@ -1067,7 +1067,7 @@ class _Call:
             self.error, self.kind, self.overflow = str(exc), exc.kind, exc.overflow
         elif isinstance(exc, Exception):  # a surprise becomes an error response
             self.error, self.kind = "unexpected failure: " + _describe(exc), "unexpected"
-        self.exchange.release()  # KeyboardInterrupt, or closed mid-reply: the answer tells
+        self.exchange.release()  # for reuse only if its answer was read whole
         return isinstance(exc, Exception)
 
     def _check_settings(self) -> None:
