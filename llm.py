@@ -2893,7 +2893,7 @@ _OVERFLOW_NUMBERS = (
     r"\((?P<prompt>\d{1,12}) in the messages",  # ... you requested N tokens (P in the messages, ...)
     r"requested (?P<prompt>\d{1,12}) tokens in the messages",
     r"request has (?P<prompt>\d{1,12}) input tokens",  # vLLM 0.10.2 to 0.15
-    r"prompt contains (?:at least )?(?P<prompt>\d{1,12}) input tokens",  # vLLM 0.18 and later
+    r"prompt contains (?P<prompt>\d{1,12}) input tokens",  # vLLM 0.18 on ("at least N": a bound)
     r"messages resulted in (?P<prompt>\d{1,12}) tokens",  # OpenAI
     r"requested about (?P<prompt>\d{1,12}) tokens",  # OpenRouter
     r"prompt is too long: (?P<prompt>\d{1,12}) tokens > (?P<limit>\d{1,12})",  # Anthropic

@@ -2661,12 +2661,25 @@ class ErrorKindTest(LoopbackCase):
                          " request has 35072 input tokens. Please reduce the length of the input messages.",
                          "type": "BadRequestError", "param": None, "code": 400}},
          "context_overflow", {"prompt_tokens": 35072, "context_length": 4096}),
-        # vLLM 0.32 and later
+        # vLLM 0.32 (vllm/renderers/params.py, _token_len_check): it tokenizes no more than the
+        # context and one token, so "at least 4097" is a bound, not the prompt's size (the
+        # live suite's prompt of 8192 words got this answer); an exact count says no "at least"
         (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, your"
                          " prompt contains at least 4097 input tokens, which exceeds this limit even"
                          " without any output tokens. Please reduce the length of the input prompt.",
                          "type": "BadRequestError", "param": "input_tokens", "code": 400}},
-         "context_overflow", {"prompt_tokens": 4097, "context_length": 4096}),
+         "context_overflow", {"context_length": 4096}),
+        (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, your"
+                         " prompt contains 4100 input tokens, which exceeds this limit even"
+                         " without any output tokens. Please reduce the length of the input prompt.",
+                         "type": "BadRequestError", "param": "input_tokens", "code": 400}},
+         "context_overflow", {"prompt_tokens": 4100, "context_length": 4096}),
+        # vLLM 0.32 (the same file, _text_len_check): characters counted before tokenizing
+        (400, {"error": {"message": "This model's maximum context length is 4096 tokens. However, your"
+                         " prompt contains 90000 characters (more than 61440 characters, which is the"
+                         " upper bound for 4096 input tokens). Please reduce the length of the input"
+                         " prompt.", "type": "BadRequestError", "param": "input_text", "code": 400}},
+         "context_overflow", {"context_length": 4096}),
         # OpenAI (mckaywrigley/chatbot-ui issue 102)
         (400, {"error": {"message": "This model's maximum context length is 4097 tokens. However, your"
                          " messages resulted in 8227 tokens. Please reduce the length of the messages.",

@@ -70,8 +70,19 @@ if [ "$KIND" != vllm ] && [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ make curl >/dev/null
 fi
 
-free_port() {
-  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+free_port() {  # a free port below Linux's ephemeral range (32768 and up): a port from that
+  # range can be taken by one of a starting vLLM's own sockets before its server binds it
+  "$PY" -c 'import random, socket
+for _ in range(200):
+    port, s = random.randint(20000, 32000), socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        break
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(port)'
 }
 
 PIDS=()

@@ -281,8 +281,9 @@ def measure_import(run, columns):
         if column.kind in IMPORTS:
             where = os.path.dirname(column.llm_path) if column.kind == "llm" else ROOT
             targets.append((column.label, "import " + IMPORTS[column.kind], where))
-    for _, statement, where in targets:  # warm the file cache
-        subprocess.check_output([sys.executable, "-E", "-B", "-c", statement], cwd=where)
+    for _, statement, where in targets:  # warm the file cache, and write the bytecode that
+        # an install compiles (-E: even under PYTHONDONTWRITEBYTECODE); the runs read it
+        subprocess.check_output([sys.executable, "-E", "-c", statement], cwd=where)
     wall = {label: [] for label, _, _ in targets}
     cpu = {label: [] for label, _, _ in targets}
     inside = {label: [] for label, _, _ in targets}

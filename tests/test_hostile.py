@@ -315,6 +315,10 @@ class HostileCase(LoopbackCase):
                           " the peak resident size: memory not measured" % sys.implementation.name)
         result = function()
         peak = resident("VmHWM") - before
+        # PyPy's collector lets its heap grow to PYPY_GC_MAJOR_COLLECT (1.82 by
+        # default) times what was live at its last collection before it collects
+        # again: garbage that tracemalloc would not count is resident here.
+        limit *= float(os.environ.get("PYPY_GC_MAJOR_COLLECT") or 1.82)
         self.assertLess(peak, limit, "peak resident growth %.1f MiB" % (peak / MIB))
         return result, peak
 
@@ -1409,14 +1413,15 @@ class BoundedWorkTest(HostileCase):
 
     def test_the_deadline_bounds_work_on_data_that_keeps_coming(self):
         # 60 KB of content per send, as fast as it goes, for longer than any client reads
-        # within the deadline (this one takes about 100 MB a second)
+        # within the deadline: this one reads 50 to 100 MB a second, by Python, so 0.5 s
+        # is at most 50 MB of the gigabyte; a call the deadline did not end reads it all
         piece = event(delta("x" * 100)) * 600
-        client = self.client(self.serve(lazy(head(chunked=False), piece, 4096 * MIB)),
+        client = self.client(self.serve(lazy(head(chunked=False), piece, 1024 * MIB)),
                              deadline=0.5, max_bytes=8192 * MIB)
         response, _ = bounded(self, client.chat_stream, 60, HI, Writes())
         check_response(self, response)
         self.assertEqual(response.error, "deadline of 0.5s exceeded")
-        self.assertLess(len(response.content), 40 * MIB)
+        self.assertLess(len(response.content), 256 * MIB)
 
     def assert_memory_bounded(self, call, limit):
         response, peak = self.assert_bounded_peak(call, 3 * limit + MIB)
