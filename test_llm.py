@@ -21,8 +21,8 @@ import unittest
 from unittest import mock
 
 import llm
-from tests.loopback import (CA_FILE, CLOSE, END, HANG, HI, KEY, RESET, SHUTDOWN, UNREAD, Lines,
-                            LoopbackCase, Proxy, Writes, answer, call_socket, chunk, delta, echo,
+from tests.loopback import (CA_FILE, CLOSE, END, HANG, HI, KEY, RESET, SHUTDOWN, UNREAD, Interleaved,
+                            Lines, LoopbackCase, Proxy, Writes, answer, call_socket, chunk, delta, echo,
                             event, free_port, head, idle_socket, in_thread, message, raw_sse,
                             read_elsewhere, readable, say, shut, sse, traced, wait_until)
 
@@ -1028,18 +1028,11 @@ class ReasoningTest(LoopbackCase):
                 self.assertEqual(response.to_message(), {"role": "assistant", "content": "answer", field: "think more"})
 
     def test_reasoning_goes_live_to_write_reasoning_when_out_has_it(self):
-        seen = []
-
-        class Both(Writes):
-            def write_reasoning(self, text):
-                seen.append(("reasoning", text))
-
-            def write(self, text):
-                seen.append(("content", text))
         server = self.serve(sse({"choices": [{"index": 0, "delta": {"reasoning": "hmm "}}]},
                                 {"choices": [{"index": 0, "delta": {"reasoning": "ok"}}]}, delta("yes", "stop")))
-        response = self.client(server).chat_stream(HI, Both())
-        self.assertEqual(seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
+        out = Interleaved()
+        response = self.client(server).chat_stream(HI, out)
+        self.assertEqual(out.seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
         self.assertEqual(response.reasoning, "hmm ok")
 
     def test_reasoning_under_both_names_and_thinking_parts_reach_the_writer_once(self):
@@ -1052,16 +1045,9 @@ class ReasoningTest(LoopbackCase):
                                          delta([thinking, {"type": "text", "text": "yes"}]), delta("", "stop"))}
         for name, steps in streams.items():
             with self.subTest(name):
-                seen = []
-
-                class Both(Writes):
-                    def write_reasoning(self, text):
-                        seen.append(("reasoning", text))
-
-                    def write(self, text):
-                        seen.append(("content", text))
-                response = self.client(self.serve(steps)).chat_stream(HI, Both())
-                self.assertEqual(seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
+                out = Interleaved()
+                response = self.client(self.serve(steps)).chat_stream(HI, out)
+                self.assertEqual(out.seen, [("reasoning", "hmm "), ("reasoning", "ok"), ("content", "yes")])
                 self.assertEqual((response.reasoning, response.content), ("hmm ok", "yes"))
 
     def test_a_failing_reasoning_writer_ends_the_call(self):
@@ -2887,17 +2873,10 @@ class ThinkTagTest(LoopbackCase):
     REPLY = "<think>\nThe user greets me.\n</think>\n\nHello!"
 
     def streamed(self, pieces, finish="stop", **options):
-        seen = []
-
-        class Both(Writes):
-            def write_reasoning(self, text):
-                seen.append(("reasoning", text))
-
-            def write(self, text):
-                seen.append(("content", text))
         steps = sse(*[delta(piece) for piece in pieces] + [delta(None, finish)])
-        response = self.client(self.serve(steps), **options).chat_stream(HI, Both())
-        return response, seen
+        out = Interleaved()
+        response = self.client(self.serve(steps), **options).chat_stream(HI, out)
+        return response, out.seen
 
     def test_what_is_held_back_stays_when_the_stream_fails(self):
         # text that may open a block ("  ", "<thi") or close it ("</thi") is held back from

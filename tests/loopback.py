@@ -446,6 +446,37 @@ class Writes:
         self.flushes += 1
 
 
+class Interleaved(Writes):
+    """An ``out`` with ``write_reasoning``: ``seen`` keeps ("reasoning" or "content", text)
+    in the order they came."""
+
+    def __init__(self):
+        Writes.__init__(self)
+        self.seen = []
+
+    def write_reasoning(self, text):
+        self.seen.append(("reasoning", text))
+
+    def write(self, text):
+        self.seen.append(("content", text))
+
+
+def examples(weight):
+    """How many examples a property tries: LLM_FUZZ_EXAMPLES, else a quarter of its weight."""
+    try:
+        return int(os.environ.get("LLM_FUZZ_EXAMPLES") or weight // 4)
+    except ValueError:
+        return weight // 4
+
+
+def fuzz(weight):
+    """Hypothesis's settings for a property: examples(weight), no deadline, no database."""
+    from hypothesis import HealthCheck, settings  # only where hypothesis is installed
+    return settings(max_examples=examples(weight), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much, HealthCheck.large_base_example])
+
+
 def in_thread(function, *args):
     """Run function in a thread; return (thread, results list)."""
     results = []

@@ -434,8 +434,8 @@ class RelayInChromiumTest(unittest.TestCase):
         # refuse it. Its type is given once the whole answer has come (its resource timing entry
         # is made then): a post the relay let through would have reached the LLM server by then,
         # as relay.py ends its answer when the LLM server's reply has ended
-        loaded = ("new Promise(done => new PerformanceObserver((seen, observer) => {"
-                  " if (seen.getEntriesByName(%s).length) { observer.disconnect(); done(r.type); }"
+        loaded = ("new Promise(done => new PerformanceObserver((seen, watcher) => {"
+                  " if (seen.getEntriesByName(%s).length) { watcher.disconnect(); done(r.type); }"
                   " }).observe({type: 'resource', buffered: true}))" % chat)
         self.assertEqual(tab.evaluate("fetch(%s, {method: 'POST', mode: 'no-cors', body: %s,"
                                       " headers: {'Content-Type': 'text/plain'}}).then(r => %s)"

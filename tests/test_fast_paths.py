@@ -22,7 +22,7 @@ if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
 import llm
-from tests.loopback import END, HI, LoopbackCase, chunk, delta, head
+from tests.loopback import END, HI, LoopbackCase, chunk, delta, examples, head
 
 try:
     from hypothesis import given, settings, strategies as st
@@ -30,7 +30,7 @@ except ImportError:  # the deterministic tests still run
     given = None
 
 DATA = os.path.join(ROOT, "tests", "testdata")
-FUZZ = int(os.environ.get("LLM_FUZZ_EXAMPLES") or 40)
+FUZZ = examples(160)  # LLM_FUZZ_EXAMPLES, else 40
 
 
 def recorded_body(path):

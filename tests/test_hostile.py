@@ -39,12 +39,12 @@ if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
 
 import llm
 from tests.loopback import (CLOSE, END, HANG, RESET, Lines, LoopbackCase, Proxy, Server, Writes,
-                            answer, call_socket, chunk, delta, free_port, head, message, raw_sse,
+                            answer, call_socket, chunk, delta, free_port, fuzz, head, message, raw_sse,
                             read_elsewhere, readable, sse, traced, wait_until)
 
 try:
     import hypothesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given
     from hypothesis import strategies as st
 except ImportError:  # the property tests are skipped
     hypothesis = None
@@ -58,14 +58,6 @@ KEY = "sk-hostile-SECRET-0123456789abcdef"
 MIB = 1024 * 1024
 SAFE_HOSTS = ("127.0.0.1", "localhost", "::1")
 REASONS = ("stop", "length", "tool_calls", "content_filter", "refusal", "error", "cancelled")
-
-def examples(weight):
-    """How many examples a property tries: LLM_FUZZ_EXAMPLES, else a quarter of its weight."""
-    try:
-        return int(os.environ.get("LLM_FUZZ_EXAMPLES") or weight // 4)
-    except ValueError:
-        return weight // 4
-
 
 COUNTS = {}  # property -> [examples, seconds]
 
@@ -1613,12 +1605,6 @@ if hypothesis is None:
         def test_properties(self):
             pass
 else:
-    def fuzz(default):
-        """Settings for a property: its number of examples, no deadline, no database."""
-        return settings(max_examples=examples(default), deadline=None, database=None,
-                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                               HealthCheck.filter_too_much, HealthCheck.large_base_example])
-
     # ------------------------------------------------------------ values of any type
 
     SPECIAL = [Boom, object, lambda: EvilDict(role="user", content="x"), lambda: EvilList([1]),

@@ -24,6 +24,11 @@ import unittest
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a child's calls through {module}: one whole, one streamed into out, to sys.argv[1]
+CALLS = ("client = {module}.Client(sys.argv[1], model='m')\n"
+         "reply = client.chat([{module}.Message('user', 'Hi')])\n"
+         "out = io.StringIO()\n"
+         "streamed = client.chat_stream([{{'role': 'user', 'content': 'Hi'}}], out)\n")
 if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
     sys.path.insert(0, ROOT)
 
@@ -47,11 +52,7 @@ class VendoredTest(LoopbackCase):
 
     def test_a_copy_named_chatlib_answers_calls(self):
         server = self.serve(answer(message("whole")), sse(delta("str"), delta("eamed", "stop")))
-        code = ("import io, json, sys, chatlib\n"
-                "client = chatlib.Client(sys.argv[1], model='m')\n"
-                "reply = client.chat([chatlib.Message('user', 'Hi')])\n"
-                "out = io.StringIO()\n"
-                "streamed = client.chat_stream([{'role': 'user', 'content': 'Hi'}], out)\n"
+        code = ("import io, json, sys, chatlib\n" + CALLS.format(module="chatlib") +
                 "print(json.dumps([reply.content, reply.ok, streamed.content, out.getvalue(),\n"
                 "                  type(reply).__module__, 'llm' in sys.modules]))\n")
         result = run([sys.executable, "-c", code, server.url], cwd=self.directory)
@@ -123,11 +124,7 @@ class SecondNameTest(LoopbackCase):
         server = self.serve(answer(message("whole")), sse(delta("str"), delta("eamed", "stop")))
         code = ("import io, json, os, sys\n"
                 "import llm as other\n"
-                "import llm_py as llm\n"
-                "client = llm.Client(sys.argv[1], model='m')\n"
-                "reply = client.chat([llm.Message('user', 'Hi')])\n"
-                "out = io.StringIO()\n"
-                "streamed = client.chat_stream([{'role': 'user', 'content': 'Hi'}], out)\n"
+                "import llm_py as llm\n" + CALLS.format(module="llm") +
                 "print(json.dumps([reply.content, streamed.content, out.getvalue(), other.WHOSE,\n"
                 "                  llm.__name__, os.path.basename(llm.__file__),\n"
                 "                  sys.modules['llm_py'] is llm, llm.__version__]))\n")

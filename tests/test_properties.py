@@ -45,26 +45,18 @@ if ROOT not in sys.path:  # run as a file: this checkout's llm.py and tests
 
 import llm
 from tests.loopback import (CLOSE, END, HANG, HI, RESET, LoopbackCase, Server, Writes, answer,
-                            chunk, delta, free_port, head, in_thread, message, sse)
+                            chunk, delta, free_port, fuzz, head, in_thread, message, sse)
 from tests.test_cli import environment as cli_environment, read_until
 
 try:
     import hypothesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given
     from hypothesis import strategies as st
 except ImportError:  # the property tests are skipped
     hypothesis = None
 
 WAIT = 20  # seconds: the longest any one wait may take before the test fails
 DONE = b"data: [DONE]\n\n"
-
-
-def examples(weight):
-    """How many examples a property tries: LLM_FUZZ_EXAMPLES, else a quarter of its weight."""
-    try:
-        return int(os.environ.get("LLM_FUZZ_EXAMPLES") or weight // 4)
-    except ValueError:
-        return weight // 4
 
 
 def event(obj):
@@ -768,12 +760,6 @@ if hypothesis is None:
         def test_properties(self):
             pass
 else:
-    def fuzz(default):
-        """Settings for a property: its number of examples, no deadline, no database."""
-        return settings(max_examples=examples(default), deadline=None, database=None,
-                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                               HealthCheck.filter_too_much])
-
     class DrawnCancelTest(SharedServerCase):
         @fuzz(100)
         @given(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=6), st.data())
