@@ -1481,6 +1481,8 @@ class _Exchange:
         connection = self.connection = self.connection or _checkout(client, self.guard.pid)
         settings = client._settings
         lines = settings.stream_lines if self.stream else settings.plain_lines
+        if data is not None:  # http.client's order; once, however often the request goes
+            lines = [b"Content-Length: %d" % len(data)] + lines
         reused, self.answer = connection.sock is not None, None  # None: a request is on its way
         while True:
             if connection.sock is None:
@@ -1492,7 +1494,6 @@ class _Exchange:
                     connection.putrequest("GET", settings.models_target, **settings.skips)
                 else:
                     connection.putrequest("POST", settings.chat_target, **settings.skips)
-                    lines = [b"Content-Length: %d" % len(data)] + lines  # http.client's order
                 # what connection.request() sends, but each header checked once per client
                 connection._buffer.extend(lines)  # type: ignore[attr-defined]
                 connection.endheaders(data)

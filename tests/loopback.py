@@ -295,6 +295,11 @@ class Server(Listening):
             if header in (b"\r\n", b"\n", b""):
                 break
             name, _, value = header.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length" in headers:
+                # uvicorn's parser (llhttp, through httptools) refuses it: "Duplicate Content-Length"
+                sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             b"Connection: close\r\nContent-Length: 30\r\n\r\nInvalid HTTP request received.")
+                return False
             headers[name.strip().lower()] = value.strip()
         body = reader.read(int(headers.get("content-length", 0)))
         request = Request(number, line.decode("latin-1"), headers, body)
