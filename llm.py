@@ -80,6 +80,7 @@ _MAX_DEPTH = 256  # JSON nested deeper than this is refused (its parsing nears t
 _SHALLOW_SIZE = 2 * _MAX_DEPTH  # JSON text no longer than this cannot nest deeper
 _MAX_USAGE_KEYS = 64  # the fields of a usage object that are looked at
 _NUMBERS = frozenset((int, float))  # what JSON numbers parse to (and no bool)
+_USUAL_USAGE = frozenset(("prompt_tokens", "completion_tokens", "total_tokens"))
 _UNMARKED = bytes(range(256)).translate(None, b'"[]{},:')  # what marks no JSON structure
 _LOGPROB_COST = 512  # bytes a kept log-probability entry may cost: max_bytes // this are kept
 # what a delta may carry beside its text
@@ -410,7 +411,7 @@ class Client:
         self._active = set()  # type: Set[_Guard]  # the calls in flight, as cancel() wakes them
         self._connections = weakref.WeakSet()  # type: weakref.WeakSet[http.client.HTTPConnection]
         self._tls = None  # type: Any  # the SSL context, made by the first https call
-        self._refused = set()  # type: Set[str]  # what this server refused: adjusted in every call
+        self._refused = frozenset()  # type: FrozenSet[str]  # this server's refusals (replaced whole)
         settings = self._settings = _Settings()
         try:
             settings.read(base_url, model, api_key, system, timeout, deadline, headers, retries,
@@ -523,10 +524,10 @@ class Client:
     def _body(self, messages: "Any", params: "Dict[str, Any]", stream: bool) -> "Dict[str, Any]":
         """The request's JSON body: the client's defaults, the call's parameters, the messages."""
         settings = self._settings
-        body = {"model": settings.model} if settings.model else {}  # type: Dict[str, Any]
+        body = {"model": self.model} if self.model else {}  # type: Dict[str, Any]
         body.update(settings.params)
         body.update(params)
-        body["messages"] = _checked_messages(messages, settings.system)
+        body["messages"] = _checked_messages(messages, self.system)
         body["stream"] = stream
         if (stream and settings.stream_usage and "stream_options" not in body
                 and "stream_options" not in self._refused):
@@ -922,10 +923,10 @@ def _checked_messages(messages: "Any", system: str) -> "List[Any]":
     if not isinstance(messages, (list, tuple)):
         raise _Failure('messages must be a list such as [{"role": "user", "content": "Hi"}],'
                        " got %s" % type(messages).__name__, "bad_request")
-    for message in messages:  # the usual one: a dict with a role, and text
+    for number, message in enumerate(messages):  # the usual one: a dict with a role, and text
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and message["role"] and isinstance(message.get("content"), str)):
-            _check_message(messages.index(message), message)
+            _check_message(number, message)
     if system and not (messages and messages[0].get("role") == "system"):
         return [{"role": "system", "content": system}] + list(messages)
     return list(messages)
@@ -1455,7 +1456,7 @@ class _Exchange:
             if step == "resend":  # a known refusal: the request goes again, changed, once
                 self._note("the server refused %s: the request goes again, changed" % detail)
                 self.resent |= {detail}
-                client._refused.add(detail)  # remembered: later calls adjust before sending
+                client._refused |= {detail}  # remembered: later calls adjust before sending
                 self.adjust(body, detail)  # type: ignore[arg-type]
                 data = _encode(body)  # type: ignore[arg-type]
                 continue
@@ -1832,16 +1833,18 @@ class _Appending:
     """A file that a trace appends to, opened by the first line (in the tracer's thread)."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.file = path, None  # type: str, Any
+        self.path, self.file, self.lock = path, None, threading.Lock()  # type: str, Any, Any
 
     def write(self, text: str) -> None:
-        if self.file is None:
-            self.file = open(self.path, "a", encoding="utf-8", errors="replace")
-        self.file.write(text)
-        self.file.flush()
+        with self.lock:  # a close() from a client's flush() waits for the line being written
+            if self.file is None:
+                self.file = open(self.path, "a", encoding="utf-8", errors="replace")
+            self.file.write(text)
+            self.file.flush()
 
     def close(self) -> None:
-        file, self.file = self.file, None
+        with self.lock:
+            file, self.file = self.file, None
         if file is not None:
             file.close()
 
@@ -1853,12 +1856,17 @@ class _Tracer:
 
     def __init__(self, out: "Any", secrets: "List[str]") -> None:
         self.out, self.secrets, self.dropped = out, secrets, 0
+        self.runs = list(dict.fromkeys(  # every run of 6 characters of a secret, once
+            s[at:at + 6] for s in secrets for at in range(len(s) - 5)))
         self.lock = threading.Lock()
         self.lines = None  # type: Any  # a queue.Queue, made with the thread
 
     def line(self, text: str) -> None:
-        """Trace one line: secrets hidden first, then cut."""
-        text = _hidden(text, self.secrets)
+        """Trace one line: each secret hidden (whole, and any run of 6 of its characters), then cut."""
+        text = _redact(text, self.secrets)
+        for run in self.runs:
+            if run in text:
+                text = text.replace(run, "***")
         if len(text) > _TRACE_LINE:
             text = "%s ... (%d characters in all)" % (text[:_TRACE_LINE], len(text))
         with self.lock:
@@ -1869,7 +1877,8 @@ class _Tracer:
         try:
             self.lines.put_nowait(text)
         except Exception:  # queue.Full: the writer is slower than the wire
-            self.dropped += 1
+            with self.lock:
+                self.dropped += 1
 
     def _write(self, lines: "Any") -> None:
         """The thread: write each line, until the writer fails."""
@@ -1879,7 +1888,8 @@ class _Tracer:
             try:
                 if out is not None:
                     if self.dropped:
-                        dropped, self.dropped = self.dropped, 0
+                        with self.lock:
+                            dropped, self.dropped = self.dropped, 0
                         text = "* %d lines dropped: the trace writer was too slow\n%s" % (dropped, text)
                     out.write(text + "\n")
                     flush = getattr(out, "flush", None)
@@ -1988,16 +1998,6 @@ def _traced_body(data: "Any") -> str:
             return {key: cut(item) for key, item in value.items()}
         return value
     return json.dumps(cut(body), ensure_ascii=False)
-
-
-def _hidden(text: str, secrets: "List[str]") -> str:
-    """``text`` without any secret: each whole, and any run of 6 characters of one."""
-    text = _redact(text, secrets)
-    for secret in secrets:
-        for at in range(len(secret) - 5):
-            if secret[at:at + 6] in text:
-                text = text.replace(secret[at:at + 6], "***")
-    return text
 
 
 # ---------------------------------------------------------------- the SSE decoder
@@ -2404,8 +2404,8 @@ class _Assembler:
             text, self.think = start[7:], 1
         end = text.find("</think>")
         if end < 0:  # hold back what may be the start of "</think>"
-            cut = next((len(text) - size for size in range(min(7, len(text)), 0, -1)
-                        if "</think>".startswith(text[-size:])), len(text))
+            at = text.rfind("<", len(text) - 7 if len(text) > 7 else 0)  # only one "<" in "</think"
+            cut = at if at >= 0 and "</think>".startswith(text[at:]) else len(text)
             text, self.held = text[:cut], text[cut:]
             if text:
                 self.reasoning.append(text)
@@ -2671,7 +2671,7 @@ def _usage(usage: "Any") -> "Optional[Dict[str, Any]]":
     counts (nested ones too) are kept: anything else would stay alive with the Response."""
     if not isinstance(usage, dict):
         return None
-    if ("total_tokens" in usage and len(usage) <= _MAX_USAGE_KEYS  # the usual: plain counts
+    if (usage.keys() >= _USUAL_USAGE and len(usage) <= _MAX_USAGE_KEYS  # the usual: plain counts
             and set(map(type, usage.values())) <= _NUMBERS and max(map(len, usage)) <= 64):
         return dict(usage)
     tokens = _counts(usage, nested=True)

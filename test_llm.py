@@ -448,9 +448,14 @@ class AssemblerTest(unittest.TestCase):
         self.assertIsNone(assemble(delta("a", "stop")).usage)
 
     def test_input_and_output_tokens_count_as_prompt_and_completion(self):
-        reply = assemble(dict(delta("a", "stop"), usage={"input_tokens": 3, "output_tokens": 4}))
-        self.assertEqual(reply.usage, {"input_tokens": 3, "output_tokens": 4, "prompt_tokens": 3,
-                                       "completion_tokens": 4, "total_tokens": 7})
+        # with or without a total (the Responses API's spelling sends one), whole or streamed
+        for usage in ({"input_tokens": 3, "output_tokens": 4}, {"input_tokens": 3, "output_tokens": 4,
+                                                                  "total_tokens": 7}):
+            for reply in (assemble(dict(delta("a", "stop"), usage=usage)),
+                          assemble_whole(message("a", usage=usage))):
+                with self.subTest(usage=usage):
+                    self.assertEqual(reply.usage, {"input_tokens": 3, "output_tokens": 4, "prompt_tokens": 3,
+                                                   "completion_tokens": 4, "total_tokens": 7})
 
     def test_the_total_is_computed_only_when_missing(self):
         self.assertEqual(assemble(dict(delta("a"), usage={"prompt_tokens": 1, "completion_tokens": 2}))
@@ -1751,6 +1756,15 @@ class ConfigurationTest(LoopbackCase):
         own = [{"role": "system", "content": "Mine."}] + HI
         client.chat(own)
         self.assertEqual(server.requests[1].json()["messages"], own)
+
+    def test_a_model_and_system_prompt_set_on_the_client_are_what_it_sends(self):
+        server = self.serve(answer(message("x")))
+        client = self.client(server, model="first", system="Be brief.")
+        client.model, client.system = "second", "Be kind."
+        client.chat(HI)
+        self.assertEqual(server.requests[0].json()["model"], "second")
+        self.assertEqual(server.requests[0].json()["messages"][0], {"role": "system", "content": "Be kind."})
+        self.assertIn("'second'", repr(client))
 
     def test_params_default_and_per_call_and_none_leaves_out(self):
         server = self.serve(answer(message("x")))
