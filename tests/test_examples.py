@@ -451,18 +451,23 @@ class RelayTest(ExampleCase):
             with self.subTest(raw=raw[:60]):
                 self.assertEqual(self.post(port, None, raw=raw).status, 400)
 
-    def raw(self, port, request):
-        """Send request (bytes, "{port}" filled in) as it is: the reply's status and body."""
-        connection = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    def exchange(self, port, request, address="127.0.0.1"):
+        """Send request (bytes, "{port}" filled in) as it is: all the reply, until the relay
+        closes the connection (it speaks HTTP/1.0)."""
+        connection = socket.create_connection((address, port), timeout=WAIT)
         self.addCleanup(connection.close)
         connection.sendall(request.replace(b"{port}", str(port).encode()))
         reply = b""
-        for _ in range(10000):  # the server closes the connection (HTTP/1.0)
+        for _ in range(10000):
             data = connection.recv(65536)
             if not data:
                 break
             reply += data
-        head, _, body = reply.partition(b"\r\n\r\n")
+        return reply
+
+    def raw(self, port, request, address="127.0.0.1"):
+        """Send request as it is: the reply's status and body."""
+        head, _, body = self.exchange(port, request, address).partition(b"\r\n\r\n")
         return int(head.split()[1]), body
 
     def post_raw(self, port, headers, body=b'{"messages": [{"role": "user", "content": "Hi"}]}'):
@@ -503,10 +508,7 @@ class RelayTest(ExampleCase):
 
     def status_via(self, address, port, host):
         """The status of GET / sent to address:port with this Host header."""
-        connection = socket.create_connection((address, port), timeout=WAIT)
-        self.addCleanup(connection.close)
-        connection.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
-        return int(connection.recv(65536).split()[1])
+        return self.raw(port, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode(), address)[0]
 
     def test_on_every_address_the_machines_own_names_and_addresses_are_served(self):
         server = self.serve(sse(delta("x", "stop")))
@@ -533,15 +535,7 @@ class RelayTest(ExampleCase):
                     b"": b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port}  # headers cut short
         for expected, request in requests.items():
             with self.subTest(expected=expected):
-                connection = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-                self.addCleanup(connection.close)
-                connection.sendall(request)  # and nothing more: the relay gives up, and closes
-                reply = b""
-                for _ in range(100):
-                    data = connection.recv(65536)
-                    if not data:
-                        break
-                    reply += data
+                reply = self.exchange(port, request)  # and nothing more: the relay gives up, and closes
                 self.assertTrue(reply.startswith(expected), reply)
         status, body = self.post_raw(port, b"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n")
         self.assertEqual((status, body.count(b"data: ")), (200, 2))
