@@ -1113,28 +1113,29 @@ class _Call:
         decoder = _SSEDecoder(self.settings.max_bytes)
         event, read, content = assembler.event, exchange.read, assembler.content
         envelope = None  # type: Optional[_Envelope]
-        data = data or read(answer)
+        data, at = data or read(answer), 0  # where the read's events not yet taken begin
         while True:
             if envelope is not None and data:  # the usual events: their text at once
-                text = envelope.text(data)
-                if text is not None:  # a read of one event, as chunked streams have them
-                    if guard.halted:  # a cancel while the last text was written ends the call
-                        guard.check()
-                    content.append(text)
-                    yield text
-                    data = read(answer)
-                    continue
-                texts, taken = envelope.take(data)  # a read of many, or the rest of one
+                if not at:
+                    text = envelope.text(data)
+                    if text is not None:  # a read of one event, as chunked streams have them
+                        if guard.halted:  # a cancel while the last text was written ends the call
+                            guard.check()
+                        content.append(text)
+                        yield text
+                        data = read(answer)
+                        continue
+                texts, taken = envelope.take(data, at)  # a read of many, or the rest of one
                 for text in texts:
                     if guard.halted:  # a cancel between two events of one read ends the call
                         guard.check()
                     content.append(text)
                     yield text
-                data = data[taken:] if taken < len(data) else read(answer)
-                if taken:
+                if taken > at:  # the general path takes the next event, if any
+                    data, at = (read(answer), 0) if taken == len(data) else (data, taken)
                     continue
             # the general path, an event at a time (the envelope may take the next ones)
-            piece, data = _first_event(data)
+            piece, at = _first_event(data, at)
             events = decoder.feed(piece) if piece else decoder.close()
             for kind, payload in events:
                 if guard.halted:  # one read may hold many events: a cancel ends the call here
@@ -1153,7 +1154,8 @@ class _Call:
                 break
             if envelope is None and len(events) == 1 and text and self.envelopes:
                 envelope = _Envelope.of(piece, text, events[0])
-            data = data or read(answer)
+            if at == len(data):
+                data, at = read(answer), 0
 
     def _read_json(self, answer: "http.client.HTTPResponse", first: bytes) -> "Any":
         data = self.exchange.read_all(answer, first)
@@ -1203,10 +1205,10 @@ def _content_only(chunk: "Any", text: str) -> bool:
             and not (choice.get("finish_reason") or choice.get("usage") or choice.get("logprobs")))
 
 
-def _first_event(data: bytes) -> "Tuple[bytes, bytes]":
-    """``data`` cut after its first event (a blank line, as LF streams end them), and the rest."""
-    end = data.find(b"\n\n") + 2
-    return (data[:end], data[end:]) if 1 < end < len(data) else (data, b"")
+def _first_event(data: bytes, at: int) -> "Tuple[bytes, int]":
+    """The first event in ``data`` from ``at`` (to a blank line, as LF streams end them); its end."""
+    end = data.find(b"\n\n", at) + 2
+    return (data[at:end], end) if 1 < end < len(data) else (data[at:] if at else data, len(data))
 
 
 class _Envelope:
@@ -1225,9 +1227,9 @@ class _Envelope:
         self.prefix, self.suffix = prefix, suffix
         self.at, self.end = len(prefix), -len(suffix)
 
-    def take(self, data: bytes) -> "Tuple[List[str], int]":
-        """The texts of the events in this envelope that ``data`` begins with, and their end."""
-        texts, at, size = [], 0, len(data)
+    def take(self, data: bytes, at: int) -> "Tuple[List[str], int]":
+        """The texts of the events in this envelope that ``data`` holds from ``at`` on; their end."""
+        texts, size = [], len(data)
         while at < size:
             end = data.find(b"\n\n", at) + 2
             text = self.text(data[at:end]) if end > 1 else None
